@@ -1,0 +1,1 @@
+fn main() { println!("loadgen: usage: loadgen smtp|pop3|sink|dns ..."); }

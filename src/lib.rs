@@ -1,0 +1,1 @@
+//! ringmail: a thread-per-core io_uring mail relay.

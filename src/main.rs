@@ -1,0 +1,3 @@
+fn main() {
+    println!("ringmail {}", env!("CARGO_PKG_VERSION"));
+}
