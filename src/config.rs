@@ -384,7 +384,10 @@ impl Config {
             match split_address(&user.address) {
                 None => problem(
                     &format!("users[{i}].address"),
-                    format!("{:?} is not an address of the form local@domain", user.address),
+                    format!(
+                        "{:?} is not an address of the form local@domain",
+                        user.address
+                    ),
                 ),
                 Some((_, domain)) if !self.is_local_domain(domain) => problem(
                     &format!("users[{i}].address"),
@@ -411,7 +414,10 @@ impl Config {
         if !self.postmaster.is_empty() && split_address(&self.postmaster).is_none() {
             problem(
                 "postmaster",
-                format!("{:?} is not an address of the form local@domain", self.postmaster),
+                format!(
+                    "{:?} is not an address of the form local@domain",
+                    self.postmaster
+                ),
             );
         }
         if let Some(bad) = self
@@ -436,7 +442,11 @@ impl Config {
             }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
-            let missing = if self.tls.cert.is_some() { "tls.key" } else { "tls.cert" };
+            let missing = if self.tls.cert.is_some() {
+                "tls.key"
+            } else {
+                "tls.cert"
+            };
             problem(missing, "set both tls.cert and tls.key, or neither".into());
         }
         let mut listeners = BTreeSet::new();
@@ -732,7 +742,9 @@ impl<'a> Section<'a> {
     fn integer(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
         match self.get(key) {
             None => default,
-            Some(toml::Value::Integer(n)) if (min as i128..=max as i128).contains(&(*n as i128)) => {
+            Some(toml::Value::Integer(n))
+                if (min as i128..=max as i128).contains(&(*n as i128)) =>
+            {
                 *n as u64
             }
             Some(toml::Value::Integer(n)) => {
@@ -763,7 +775,12 @@ impl<'a> Section<'a> {
     }
 
     fn seconds_list(&mut self, key: &str, default: &[f64]) -> Vec<Duration> {
-        let fallback = || default.iter().map(|s| Duration::from_secs_f64(*s)).collect();
+        let fallback = || {
+            default
+                .iter()
+                .map(|s| Duration::from_secs_f64(*s))
+                .collect()
+        };
         match self.get(key) {
             None => fallback(),
             Some(toml::Value::Array(items)) if items.is_empty() => {
@@ -835,7 +852,11 @@ impl<'a> Section<'a> {
     }
 
     fn socket_addrs(&mut self, key: &str, default: &[&str]) -> Vec<SocketAddr> {
-        self.parsed_list(key, default, "an IP:PORT address (e.g. 127.0.0.1:2525 or [::1]:2525)")
+        self.parsed_list(
+            key,
+            default,
+            "an IP:PORT address (e.g. 127.0.0.1:2525 or [::1]:2525)",
+        )
     }
 
     fn networks(&mut self, key: &str, default: &[&str]) -> Vec<IpNetwork> {
@@ -950,7 +971,12 @@ fn to_seconds(value: &toml::Value) -> Result<Duration, String> {
     let secs = match value {
         toml::Value::Integer(n) => *n as f64,
         toml::Value::Float(f) => *f,
-        other => return Err(format!("must be seconds (a number), found {}", other.type_str())),
+        other => {
+            return Err(format!(
+                "must be seconds (a number), found {}",
+                other.type_str()
+            ))
+        }
     };
     // A day's worth of years is plenty; beyond that Duration math could overflow.
     if secs.is_finite() && secs > 0.0 && secs <= 1.0e9 {
@@ -1044,7 +1070,11 @@ mod tests {
     fn submission_off_loopback_needs_tls() {
         let found = problems("[smtp]\nsubmission_listen = [\"0.0.0.0:587\"]\n");
         assert_eq!(found[0].key, "smtp.submission_listen");
-        Config::parse("t.toml", "[smtp]\nsubmission_listen = [\"127.0.0.1:587\"]\n").unwrap();
+        Config::parse(
+            "t.toml",
+            "[smtp]\nsubmission_listen = [\"127.0.0.1:587\"]\n",
+        )
+        .unwrap();
     }
 
     #[test]

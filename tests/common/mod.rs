@@ -1,0 +1,186 @@
+//! Starting the real `ringmail` binary on loopback for integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ringmail");
+
+/// A configuration with every listener on port 0 of loopback, its data in `dir`, and the
+/// resolver pointed at loopback (tests never query the system resolver). `extra` is appended.
+pub fn config_text(dir: &Path, shards: usize, extra: &str) -> String {
+    format!(
+        r#"hostname = "mx.ringmail.test"
+data_dir = "{data}"
+shards = {shards}
+shutdown_grace_secs = 5
+{extra_root}
+[smtp]
+listen = ["127.0.0.1:0"]
+[pop3]
+listen = ["127.0.0.1:0"]
+[relay]
+resolver = "127.0.0.1:53535"
+"#,
+        data = dir.join("data").display(),
+        extra_root = extra,
+    )
+}
+
+/// A running server; killed (SIGKILL) when dropped if still alive.
+pub struct Server {
+    pub child: Child,
+    /// Listener label (`smtp`, `pop3`, …) → address, from the start-up lines.
+    pub listeners: HashMap<String, SocketAddr>,
+    pub stderr: mpsc::Receiver<String>,
+    pub config_path: PathBuf,
+}
+
+impl Server {
+    /// Starts `ringmail serve --config <dir>/ringmail.toml` and waits for its listening lines.
+    pub fn start(dir: &Path, config: &str) -> Server {
+        Self::start_with(dir, config, |c| c)
+    }
+
+    pub fn start_with(
+        dir: &Path,
+        config: &str,
+        wrap: impl FnOnce(&mut Command) -> &mut Command,
+    ) -> Server {
+        let config_path = dir.join("ringmail.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RINGMAIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let cmd = wrap(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn ringmail");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if err_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let expected = config.matches("listen = [\"").count();
+        let mut listeners = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listeners.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match line_rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some((label, rest)) = line.split_once(" listening on ") {
+                        let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        listeners.insert(label.to_string(), addr);
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let errors: Vec<String> = err_rx.try_iter().collect();
+                    panic!("ringmail did not start: {errors:#?}");
+                }
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in line_rx {});
+        Server {
+            child,
+            listeners,
+            stderr: err_rx,
+            config_path,
+        }
+    }
+
+    pub fn addr(&self, label: &str) -> SocketAddr {
+        self.listeners[label]
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the process to exit (at most `limit`).
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringmail did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `ringmail ARGS…` to completion; returns (status, stdout, stderr).
+pub fn run_cli(args: &[&str], stdin: &str) -> (ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (child.wait().unwrap(), out, err)
+}
