@@ -1,0 +1,410 @@
+//! What ringmail writes into the log about mail: the message record (envelope, `Received:`
+//! header and body as they travelled) and the small records that say what became of each
+//! recipient. The store treats payloads as opaque bytes; this module gives them meaning.
+//!
+//! A message record's payload is `envelope ‖ Received: header ‖ body`. The envelope comes first
+//! and says how long the other two are, so a reader finds the body in place — POP3 RETR and
+//! relay DATA send it straight from the memory map.
+
+use thiserror::Error;
+
+/// Record kinds (the store's opaque `kind` byte).
+pub mod kind {
+    /// A message: envelope, `Received:` header, body.
+    pub const MESSAGE: u8 = 1;
+    /// Final outcomes for some recipients of one message (deleted by POP3, delivered, bounced).
+    pub const OUTCOME: u8 = 2;
+    /// A relay attempt failed temporarily: when to try again.
+    pub const DEFERRAL: u8 = 3;
+}
+
+const ENVELOPE_VERSION: u8 = 1;
+const FLAG_EIGHT_BIT: u8 = 1;
+const FLAG_SMTPUTF8: u8 = 2;
+/// RFC 5321 §4.5.3.1.3: a path is at most 256 octets; we allow the brackets' worth of slack.
+const MAX_PATH_BYTES: usize = 320;
+/// Recipients per message the encoding can hold (`max_recipients` is far lower in practice).
+pub const MAX_RECIPIENTS: usize = u16::MAX as usize;
+
+/// Where one recipient's copy goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A local mailbox, named by its configured (canonical) address.
+    Mailbox(String),
+    /// Relayed to the domain's MX hosts (or the smarthost).
+    Relay,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeRecipient {
+    /// The address as the client gave it in RCPT TO.
+    pub address: String,
+    pub destination: Destination,
+}
+
+/// The SMTP envelope of a stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Acceptance time (Unix seconds): Arrival-Date of DSNs, start of the queue lifetime.
+    pub received_at_secs: u64,
+    /// MAIL FROM as received, without brackets; empty for the null sender `<>`.
+    pub mail_from: String,
+    pub recipients: Vec<EnvelopeRecipient>,
+    /// The body needs 8BITMIME to be relayed.
+    pub eight_bit: bool,
+    /// The envelope or headers need SMTPUTF8 to be relayed.
+    pub smtputf8: bool,
+}
+
+/// A decoded message record: the envelope plus where the header and body sit in the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageLayout {
+    pub envelope: Envelope,
+    /// Byte range of the `Received:` header in the payload.
+    pub received: std::ops::Range<usize>,
+    /// Byte range of the body (CRLF, dot-stuffed, as it travelled) in the payload.
+    pub body: std::ops::Range<usize>,
+}
+
+impl MessageLayout {
+    /// The bytes POP3 RETR sends after its `Return-Path:` line: `Received:` header then body,
+    /// which lie next to each other in the payload.
+    pub fn stored_message(&self) -> std::ops::Range<usize> {
+        self.received.start..self.body.end
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record ends inside its envelope")]
+    Truncated,
+    #[error("unknown envelope version {0}")]
+    Version(u8),
+    #[error("envelope field is not UTF-8")]
+    NotUtf8,
+    #[error("envelope field exceeds its limit")]
+    TooLong,
+    #[error("unknown destination tag {0}")]
+    Destination(u8),
+    #[error("envelope lengths disagree with the record length")]
+    LengthMismatch,
+}
+
+/// Encodes the envelope part of a message record. `received_len` and `body_len` are the lengths
+/// of the pieces that will follow it in the same record.
+pub fn encode_envelope(envelope: &Envelope, received_len: usize, body_len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        32 + envelope.mail_from.len()
+            + envelope
+                .recipients
+                .iter()
+                .map(|r| r.address.len() + 40)
+                .sum::<usize>(),
+    );
+    out.push(ENVELOPE_VERSION);
+    let mut flags = 0;
+    if envelope.eight_bit {
+        flags |= FLAG_EIGHT_BIT;
+    }
+    if envelope.smtputf8 {
+        flags |= FLAG_SMTPUTF8;
+    }
+    out.push(flags);
+    out.extend_from_slice(&envelope.received_at_secs.to_le_bytes());
+    out.extend_from_slice(&(received_len as u32).to_le_bytes());
+    out.extend_from_slice(&body_len.to_le_bytes());
+    put_str(&mut out, &envelope.mail_from);
+    out.extend_from_slice(&(envelope.recipients.len() as u16).to_le_bytes());
+    for r in &envelope.recipients {
+        put_str(&mut out, &r.address);
+        match &r.destination {
+            Destination::Relay => out.push(0),
+            Destination::Mailbox(mailbox) => {
+                out.push(1);
+                put_str(&mut out, mailbox);
+            }
+        }
+    }
+    out
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() <= MAX_PATH_BYTES);
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A cursor over a payload that never reads past its end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let slice = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_PATH_BYTES {
+            return Err(DecodeError::TooLong);
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
+    }
+}
+
+/// Decodes a message record's payload, checking that the lengths add up.
+pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
+    let mut r = Reader {
+        bytes: payload,
+        pos: 0,
+    };
+    let version = r.u8()?;
+    if version != ENVELOPE_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let flags = r.u8()?;
+    let received_at_secs = r.u64()?;
+    let received_len = r.u32()? as usize;
+    let body_len = usize::try_from(r.u64()?).map_err(|_| DecodeError::LengthMismatch)?;
+    let mail_from = r.string()?;
+    let count = usize::from(r.u16()?);
+    let mut recipients = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        let address = r.string()?;
+        let destination = match r.u8()? {
+            0 => Destination::Relay,
+            1 => Destination::Mailbox(r.string()?),
+            other => return Err(DecodeError::Destination(other)),
+        };
+        recipients.push(EnvelopeRecipient {
+            address,
+            destination,
+        });
+    }
+    let received_start = r.pos;
+    let body_start = received_start
+        .checked_add(received_len)
+        .ok_or(DecodeError::LengthMismatch)?;
+    let body_end = body_start
+        .checked_add(body_len)
+        .ok_or(DecodeError::LengthMismatch)?;
+    if body_end != payload.len() {
+        return Err(DecodeError::LengthMismatch);
+    }
+    Ok(MessageLayout {
+        envelope: Envelope {
+            received_at_secs,
+            mail_from,
+            recipients,
+            eight_bit: flags & FLAG_EIGHT_BIT != 0,
+            smtputf8: flags & FLAG_SMTPUTF8 != 0,
+        },
+        received: received_start..body_start,
+        body: body_start..body_end,
+    })
+}
+
+/// What finally became of a recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Deleted from its mailbox by POP3 (UPDATE state).
+    Deleted = 1,
+    /// Accepted by the next hop.
+    Delivered = 2,
+    /// Failed permanently (a DSN went to the sender, unless it was `<>`).
+    Bounced = 3,
+}
+
+/// An outcome record: these recipients (indexes into the message's envelope) are finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeRecord {
+    /// The message record's id in the same shard's log.
+    pub message: u64,
+    pub outcome: Outcome,
+    pub recipients: Vec<u16>,
+}
+
+impl OutcomeRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(11 + 2 * self.recipients.len());
+        out.extend_from_slice(&self.message.to_le_bytes());
+        out.push(self.outcome as u8);
+        out.extend_from_slice(&(self.recipients.len() as u16).to_le_bytes());
+        for r in &self.recipients {
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<OutcomeRecord, DecodeError> {
+        let mut r = Reader {
+            bytes: payload,
+            pos: 0,
+        };
+        let message = r.u64()?;
+        let outcome = match r.u8()? {
+            1 => Outcome::Deleted,
+            2 => Outcome::Delivered,
+            3 => Outcome::Bounced,
+            other => return Err(DecodeError::Destination(other)),
+        };
+        let count = usize::from(r.u16()?);
+        let mut recipients = Vec::with_capacity(count);
+        for _ in 0..count {
+            recipients.push(r.u16()?);
+        }
+        if r.pos != payload.len() {
+            return Err(DecodeError::LengthMismatch);
+        }
+        Ok(OutcomeRecord {
+            message,
+            outcome,
+            recipients,
+        })
+    }
+}
+
+/// A deferral record: the next attempt for these recipients, so a restart keeps the schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferralRecord {
+    pub message: u64,
+    /// Attempts made so far (the retry schedule's step).
+    pub attempts: u32,
+    /// When to try next, Unix milliseconds.
+    pub next_attempt_ms: u64,
+    pub recipients: Vec<u16>,
+}
+
+impl DeferralRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(22 + 2 * self.recipients.len());
+        out.extend_from_slice(&self.message.to_le_bytes());
+        out.extend_from_slice(&self.attempts.to_le_bytes());
+        out.extend_from_slice(&self.next_attempt_ms.to_le_bytes());
+        out.extend_from_slice(&(self.recipients.len() as u16).to_le_bytes());
+        for r in &self.recipients {
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<DeferralRecord, DecodeError> {
+        let mut r = Reader {
+            bytes: payload,
+            pos: 0,
+        };
+        let message = r.u64()?;
+        let attempts = r.u32()?;
+        let next_attempt_ms = r.u64()?;
+        let count = usize::from(r.u16()?);
+        let mut recipients = Vec::with_capacity(count);
+        for _ in 0..count {
+            recipients.push(r.u16()?);
+        }
+        if r.pos != payload.len() {
+            return Err(DecodeError::LengthMismatch);
+        }
+        Ok(DeferralRecord {
+            message,
+            attempts,
+            next_attempt_ms,
+            recipients,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            received_at_secs: 1_790_000_000,
+            mail_from: "sender@example.org".into(),
+            recipients: vec![
+                EnvelopeRecipient {
+                    address: "Alice@Example.Test".into(),
+                    destination: Destination::Mailbox("alice@example.test".into()),
+                },
+                EnvelopeRecipient {
+                    address: "bob@remote.test".into(),
+                    destination: Destination::Relay,
+                },
+            ],
+            eight_bit: true,
+            smtputf8: false,
+        }
+    }
+
+    #[test]
+    fn message_layout_round_trips_and_locates_pieces() {
+        let received = b"Received: from x\r\n".to_vec();
+        let body = b"Subject: hi\r\n\r\n..dot\r\n".to_vec();
+        let mut payload = encode_envelope(&sample(), received.len(), body.len() as u64);
+        payload.extend_from_slice(&received);
+        payload.extend_from_slice(&body);
+        let layout = decode_message(&payload).unwrap();
+        assert_eq!(layout.envelope, sample());
+        assert_eq!(&payload[layout.received.clone()], &received[..]);
+        assert_eq!(&payload[layout.body.clone()], &body[..]);
+        assert_eq!(layout.stored_message().len(), received.len() + body.len());
+    }
+
+    #[test]
+    fn truncated_or_padded_records_are_refused() {
+        let mut payload = encode_envelope(&sample(), 3, 4);
+        payload.extend_from_slice(b"abcdefg");
+        assert!(decode_message(&payload).is_ok());
+        assert_eq!(
+            decode_message(&payload[..payload.len() - 1]),
+            Err(DecodeError::LengthMismatch)
+        );
+        payload.push(0);
+        assert_eq!(decode_message(&payload), Err(DecodeError::LengthMismatch));
+        assert_eq!(decode_message(&payload[..10]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn outcome_and_deferral_round_trip() {
+        let o = OutcomeRecord {
+            message: 42,
+            outcome: Outcome::Deleted,
+            recipients: vec![0, 3],
+        };
+        assert_eq!(OutcomeRecord::decode(&o.encode()).unwrap(), o);
+        let d = DeferralRecord {
+            message: 7,
+            attempts: 2,
+            next_attempt_ms: 123_456,
+            recipients: vec![1],
+        };
+        assert_eq!(DeferralRecord::decode(&d.encode()).unwrap(), d);
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_message(&bytes);
+            let _ = OutcomeRecord::decode(&bytes);
+            let _ = DeferralRecord::decode(&bytes);
+        }
+    }
+}
