@@ -449,6 +449,35 @@ impl Config {
             };
             problem(missing, "set both tls.cert and tls.key, or neither".into());
         }
+        if let Some((_, domain)) = split_address(&self.postmaster) {
+            if self.is_local_domain(domain)
+                && !self
+                    .users
+                    .iter()
+                    .any(|u| u.address.eq_ignore_ascii_case(&self.postmaster))
+            {
+                problem(
+                    "postmaster",
+                    format!(
+                        "{:?} is in a local domain but is not one of the users",
+                        self.postmaster
+                    ),
+                );
+            }
+        }
+        // Refused rather than half-served until the TLS and AUTH work lands (README: status).
+        if self.tls.cert.is_some() || self.tls.key.is_some() {
+            problem(
+                "tls.cert",
+                "TLS is not available in this build yet; leave [tls] empty".into(),
+            );
+        }
+        if !self.smtp.submission_listen.is_empty() {
+            problem(
+                "smtp.submission_listen",
+                "submission needs SMTP AUTH, which is not available in this build yet".into(),
+            );
+        }
         let mut listeners = BTreeSet::new();
         for (key, addrs) in self.listeners() {
             for addr in addrs {

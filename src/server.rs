@@ -14,7 +14,9 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::Config;
 use crate::host::{self, HostError};
+use crate::auth::UserDirectory;
 use crate::limits::ConnectionLimits;
+use crate::routing::Directory;
 use crate::shard::{self, ShardContext, ShardEvent};
 
 /// What a listener serves; decides the session a connection gets.
@@ -73,6 +75,10 @@ pub struct Shared {
     pub smtp_limits: Arc<ConnectionLimits>,
     /// POP3 connections across all shards (same caps: there are no POP3 keys for them).
     pub pop3_limits: Arc<ConnectionLimits>,
+    /// Accounts and their password hashes.
+    pub users: Arc<UserDirectory>,
+    /// Local domains, users and postmaster, for routing at RCPT.
+    pub directory: Directory,
 }
 
 /// Why the server could not start or stopped abnormally. Each names what is wrong.
@@ -101,6 +107,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("users: {0}")]
+    Users(String),
     #[error("shard {shard} could not start: {message}")]
     ShardStart { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
@@ -116,7 +124,19 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     let listeners = resolve_listeners(&config)?;
+    let users = UserDirectory::new(
+        config
+            .users
+            .iter()
+            .map(|u| (u.address.clone(), u.password_hash.clone())),
+    )
+    .map_err(|e| ServerError::Users(e.to_string()))?;
+    let user_addresses: Vec<String> = config.users.iter().map(|u| u.address.clone()).collect();
+    let directory = Directory::new(&config.local_domains, &user_addresses, &config.postmaster)
+        .map_err(|e| ServerError::Users(e.to_string()))?;
     let shared = Arc::new(Shared {
+        users: Arc::new(users),
+        directory,
         smtp_limits: ConnectionLimits::new(
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
@@ -136,15 +156,22 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 
     let cpus = allowed_cpus();
     let mut shutdowns = Vec::with_capacity(shard_count);
+    let mut starts = Vec::with_capacity(shard_count);
     let mut handles = Vec::with_capacity(shard_count);
-    for id in 0..shard_count {
+    let (mesh, inboxes) = shard::Mesh::new(shard_count);
+    for (id, inbox) in inboxes.into_iter().enumerate() {
         let (shutdown_tx, shutdown_rx) = flume::bounded(1);
         shutdowns.push(shutdown_tx);
+        let (start_tx, start_rx) = flume::bounded(1);
+        starts.push(start_tx);
         let ctx = ShardContext {
             id,
             shared: Arc::clone(&shared),
             events: events_tx.clone(),
+            start: start_rx,
             shutdown: shutdown_rx,
+            mesh: mesh.clone(),
+            inbox,
         };
         let cpu = cpus[id % cpus.len()];
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -169,8 +196,18 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     };
 
     let mut ready = 0;
+    let mut recovered = 0;
     let outcome = loop {
         match events_rx.recv() {
+            Ok(ShardEvent::Recovered { .. }) => {
+                recovered += 1;
+                if recovered == shard_count {
+                    // Every index entry has reached its owner: now clients may come.
+                    for start in &starts {
+                        let _ = start.try_send(());
+                    }
+                }
+            }
             Ok(ShardEvent::Ready { .. }) => {
                 ready += 1;
                 if ready == shard_count {

@@ -1,30 +1,60 @@
-//! A shard: one pinned executor that owns its listeners' sockets, its connections and (once
-//! started) its log. The only place with sockets and timers.
+//! A shard: one pinned executor that owns its listeners' sockets, its connections, its log and
+//! the indexes of the mailboxes it owns. The only place with sockets and timers.
+//!
+//! Start-up runs in two phases so that no client ever sees a half-built index: each shard first
+//! recovers its log and sends every waiting message's index entry to the mailbox's owner; only
+//! when every shard has done so does the main thread let them bind their listeners.
 
+mod conn;
+mod inbox;
+mod ingest;
+pub mod ledger;
+pub mod mesh;
+mod pop3_conn;
+mod recovery;
+mod smtp_conn;
+
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Gate, Semaphore};
 
+use crate::auth::UserDirectory;
+use crate::mailbox::MailboxIndex;
 use crate::server::{ListenerKind, ListenerSpec, Shared};
+use crate::store::{Store, StoreOptions};
+use crate::throttle::FailureThrottle;
+use ledger::Ledger;
+pub use mesh::{Mesh, MeshMessage};
 
 /// Everything a shard is started with.
 pub struct ShardContext {
     pub id: usize,
     pub shared: Arc<Shared>,
-    /// Tells the main thread this shard is ready, or why it failed.
+    /// Tells the main thread this shard's progress, or why it failed.
     pub events: mpsc::Sender<ShardEvent>,
+    /// Fires once every shard has recovered: bind the listeners and serve.
+    pub start: flume::Receiver<()>,
     /// Fires once, when the process is asked to stop.
     pub shutdown: flume::Receiver<()>,
+    /// Senders to every shard's inbox.
+    pub mesh: Mesh,
+    /// This shard's inbox.
+    pub inbox: flume::Receiver<MeshMessage>,
 }
 
 /// What the main thread hears from shards and the signal watcher.
 #[derive(Debug)]
 pub enum ShardEvent {
+    /// The log is recovered and every index entry delivered to its owner.
+    Recovered { shard: usize },
+    /// Listeners bound; serving.
     Ready { shard: usize },
     Failed { shard: usize, message: String },
     Signal(&'static str),
@@ -39,54 +69,213 @@ pub enum ShardError {
         #[source]
         source: std::io::Error,
     },
+    #[error("log {dir}: {source}")]
+    Store {
+        dir: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("stopped before start-up finished")]
+    Interrupted,
 }
 
 /// Listen backlog: room for a burst of connections while every shard is busy.
 const LISTEN_BACKLOG: i32 = 4096;
+/// How often a shard gives the log a chance to reclaim space.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The shard's entry point, run inside its executor.
-pub async fn run(ctx: ShardContext) {
-    if let Err(e) = serve(&ctx).await {
-        let _ = ctx.events.send(ShardEvent::Failed {
-            shard: ctx.id,
-            message: e.to_string(),
-        });
+/// Per-shard state every connection task can reach.
+pub struct Shard {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    /// Closed when the shard stops; sessions wait on it to leave between transactions.
+    pub stopping: Rc<Semaphore>,
+    /// This shard's log.
+    pub store: Store,
+    pub mesh: Mesh,
+    /// Which recipients of this shard's stored messages are unfinished.
+    pub ledger: RefCell<Ledger>,
+    /// Indexes of the mailboxes this shard owns.
+    pub mailboxes: RefCell<MailboxIndex>,
+    /// Accounts for POP3 (and later SMTP AUTH); shared with the blocking pool that verifies.
+    pub users: Arc<UserDirectory>,
+    /// Repeated login failures per client address, slowed down.
+    pub throttle: RefCell<FailureThrottle>,
+    pub smtp_params: Rc<crate::smtp::SessionParams>,
+    pub pop3_params: Rc<crate::pop3::SessionParams>,
+    /// Numbers POP3 sessions for the mailbox locks.
+    next_session: Cell<u64>,
+    /// statvfs is a system call: sample free space at most every [`FREE_SPACE_SAMPLE`].
+    free_space: Cell<(Instant, u64)>,
+    /// DATA bytes held by this shard's sessions and not yet durable.
+    data_bytes: Cell<u64>,
+    /// Above this, sessions that hold no body bytes wait before reading.
+    data_bytes_cap: u64,
+}
+
+/// DATA bytes a shard holds before new bodies wait; at least two maximal messages so that one
+/// always fits beside another in progress.
+pub const DATA_BYTES_CAP_FLOOR: u64 = 256 << 20;
+
+const FREE_SPACE_SAMPLE: Duration = Duration::from_millis(100);
+
+impl Shard {
+    /// Resolves when the shard is asked to stop.
+    pub async fn stopped(&self) {
+        let _ = self.stopping.acquire(1).await;
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_closed()
+    }
+
+    pub fn next_session_serial(&self) -> u64 {
+        let serial = self.next_session.get();
+        self.next_session.set(serial + 1);
+        serial
+    }
+
+    /// Whether this shard holds more undurable DATA bytes than its cap.
+    pub fn data_bytes_over_cap(&self) -> bool {
+        self.data_bytes.get() > self.data_bytes_cap
+    }
+
+    /// A session's held body bytes went from `before` to `after`.
+    pub fn adjust_data_bytes(&self, before: u64, after: u64) {
+        self.data_bytes
+            .set((self.data_bytes.get() + after).saturating_sub(before));
+    }
+
+    /// A session handed its body to the log or dropped it.
+    pub fn release_data_bytes(&self, held: u64) {
+        self.adjust_data_bytes(held, 0);
+    }
+
+    /// Free bytes on the log's file system, sampled.
+    pub fn free_space_bytes(&self) -> u64 {
+        let (sampled_at, bytes) = self.free_space.get();
+        if sampled_at.elapsed() < FREE_SPACE_SAMPLE {
+            return bytes;
+        }
+        let bytes = self.store.free_space_bytes();
+        self.free_space.set((Instant::now(), bytes));
+        bytes
     }
 }
 
-async fn serve(ctx: &ShardContext) -> Result<(), ShardError> {
+/// The shard's entry point, run inside its executor.
+pub async fn run(ctx: ShardContext) {
+    if let Err(e) = serve(ctx.id, &ctx).await {
+        if !matches!(e, ShardError::Interrupted) {
+            let _ = ctx.events.send(ShardEvent::Failed {
+                shard: ctx.id,
+                message: e.to_string(),
+            });
+        }
+    }
+}
+
+async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
+    let shared = &ctx.shared;
+    let config = &shared.config;
+    let dir = config.data_dir.join(format!("shard-{id}"));
+    let options = StoreOptions {
+        // A message plus its envelope and Received: header must fit one record.
+        max_record_bytes: config.smtp.max_message_size + 64 * 1024,
+        ..StoreOptions::default()
+    };
+    let (store, recovered) =
+        Store::open(&dir, options)
+            .await
+            .map_err(|source| ShardError::Store {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+    let report = recovered.report.clone();
+    tracing::info!(
+        shard = id,
+        segments = report.segments,
+        live_records = report.live_records,
+        bytes_verified = report.bytes_verified,
+        torn_tail_bytes = report.torn_tail_bytes,
+        corrupt_regions = report.corrupt_regions,
+        "log recovered in {:?}",
+        report.elapsed
+    );
+    if report.corrupt_regions > 0 {
+        tracing::error!(
+            shard = id,
+            "log has {} corrupt region(s) ({} bytes) that were skipped",
+            report.corrupt_regions,
+            report.corrupt_bytes
+        );
+    }
+
+    let stopping = Rc::new(Semaphore::new(0));
+    let shard = Rc::new(Shard {
+        id,
+        shared: Arc::clone(shared),
+        stopping: Rc::clone(&stopping),
+        store,
+        mesh: ctx.mesh.clone(),
+        ledger: RefCell::new(Ledger::default()),
+        mailboxes: RefCell::new(MailboxIndex::default()),
+        users: Arc::clone(&shared.users),
+        throttle: RefCell::new(FailureThrottle::new(Default::default())),
+        smtp_params: Rc::new(crate::smtp::SessionParams {
+            hostname: config.hostname.clone(),
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+            directory: Rc::new(shared.directory.clone()),
+        }),
+        pop3_params: Rc::new(crate::pop3::SessionParams {
+            greeting_host: config.hostname.clone(),
+            stls_available: false,
+        }),
+        next_session: Cell::new(1),
+        free_space: Cell::new((Instant::now() - FREE_SPACE_SAMPLE, 0)),
+        data_bytes: Cell::new(0),
+        data_bytes_cap: DATA_BYTES_CAP_FLOOR.max(config.smtp.max_message_size.saturating_mul(2)),
+    });
+
+    let inbox = glommio::spawn_local(inbox::serve(Rc::clone(&shard), ctx.inbox.clone()));
+    recovery::rebuild(&shard, recovered).await;
+    let _ = ctx.events.send(ShardEvent::Recovered { shard: id });
+
+    // Wait for every shard's index entries to have arrived before serving anybody.
+    let started = future::or(async { ctx.start.recv_async().await.is_ok() }, async {
+        let _ = ctx.shutdown.recv_async().await;
+        false
+    })
+    .await;
+    if !started {
+        return Err(ShardError::Interrupted);
+    }
+
     let mut listeners = Vec::new();
-    for spec in &ctx.shared.listeners {
+    for spec in &shared.listeners {
         listeners.push((*spec, bind(spec.addr)?));
     }
-    let _ = ctx.events.send(ShardEvent::Ready { shard: ctx.id });
+    let _ = ctx.events.send(ShardEvent::Ready { shard: id });
 
-    // Closing this semaphore is the shard-wide "stop": every waiter on it wakes with an error.
-    let stopping = Rc::new(Semaphore::new(0));
     let connections = Rc::new(Gate::new());
-    let shard = Rc::new(Shard {
-        id: ctx.id,
-        shared: Arc::clone(&ctx.shared),
-        stopping: Rc::clone(&stopping),
-    });
     let mut acceptors = Vec::new();
     for (spec, listener) in listeners {
-        let shard = Rc::clone(&shard);
-        let connections = Rc::clone(&connections);
         acceptors.push(glommio::spawn_local(accept_loop(
-            shard,
+            Rc::clone(&shard),
             spec,
             listener,
-            connections,
+            Rc::clone(&connections),
         )));
     }
+    let reclaimer = glommio::spawn_local(reclaim_loop(Rc::clone(&shard)));
 
     let _ = ctx.shutdown.recv_async().await;
     stopping.close();
     for acceptor in acceptors {
         acceptor.await;
     }
-    let grace = ctx.shared.config.shutdown_grace;
+    let grace = config.shutdown_grace;
     if glommio::timer::timeout(grace, async {
         let _ = connections.close().await;
         Ok(())
@@ -95,10 +284,14 @@ async fn serve(ctx: &ShardContext) -> Result<(), ShardError> {
     .is_err()
     {
         tracing::warn!(
-            shard = ctx.id,
+            shard = id,
             "shutdown grace of {grace:?} ran out; closing the remaining connections"
         );
     }
+    reclaimer.await;
+    // Other shards may still send requests while they drain; the inbox task ends with the
+    // executor. Everything acknowledged is already durable: 250 waits for fdatasync.
+    drop(inbox);
     Ok(())
 }
 
@@ -120,21 +313,6 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ShardError> {
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
-/// Per-shard state every connection task can reach.
-pub struct Shard {
-    pub id: usize,
-    pub shared: Arc<Shared>,
-    /// Closed when the shard stops; sessions wait on it to leave between transactions.
-    pub stopping: Rc<Semaphore>,
-}
-
-impl Shard {
-    /// Resolves when the shard is asked to stop.
-    pub async fn stopped(&self) {
-        let _ = self.stopping.acquire(1).await;
-    }
-}
-
 async fn accept_loop(
     shard: Rc<Shard>,
     spec: ListenerSpec,
@@ -153,7 +331,7 @@ async fn accept_loop(
             Some(Err(e)) => {
                 // EMFILE and friends: say so and breathe instead of spinning on the error.
                 tracing::warn!(shard = shard.id, listener = %spec.addr, "accept failed: {e}");
-                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -169,5 +347,48 @@ async fn accept_loop(
 }
 
 async fn serve_connection(shard: Rc<Shard>, kind: ListenerKind, stream: TcpStream) {
-    let _ = (shard, kind, stream);
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    match kind {
+        ListenerKind::Smtp | ListenerKind::Submission => {
+            smtp_conn::serve(shard, stream, peer, kind).await
+        }
+        ListenerKind::Pop3 => pop3_conn::serve(shard, stream, peer).await,
+        // Implicit TLS needs [tls]; configuration refuses these listeners without it, and TLS
+        // itself arrives with its own issue. Closing is the honest answer meanwhile.
+        ListenerKind::SmtpTls | ListenerKind::Pop3Tls => drop(stream),
+    }
+}
+
+/// Gives the log a chance to free the space of dead records now and then.
+async fn reclaim_loop(shard: Rc<Shard>) {
+    loop {
+        let stop = future::or(
+            async {
+                glommio::timer::sleep(RECLAIM_INTERVAL).await;
+                false
+            },
+            async {
+                shard.stopped().await;
+                true
+            },
+        )
+        .await;
+        if stop {
+            return;
+        }
+        match shard.store.reclaim().await {
+            Ok(report) if report.bytes_freed > 0 => tracing::info!(
+                shard = shard.id,
+                segments_deleted = report.segments_deleted,
+                segments_compacted = report.segments_compacted,
+                bytes_freed = report.bytes_freed,
+                "reclaimed log space"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(shard = shard.id, "space reclaim failed: {e}"),
+        }
+    }
 }

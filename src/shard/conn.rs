@@ -1,0 +1,58 @@
+//! Socket helpers shared by the connection loops, generic over the stream so that TLS streams
+//! slot in beside plain TCP.
+
+use std::io;
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How a read ended.
+pub enum ReadOutcome {
+    Data(usize),
+    /// The peer closed its side.
+    Closed,
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// Reads what is available into `buf`, waiting at most `timeout`.
+pub async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> ReadOutcome {
+    let read = glommio::timer::timeout(timeout, async {
+        stream
+            .read(buf)
+            .await
+            .map_err(|e| glommio::GlommioError::IoError(e))
+    })
+    .await;
+    match read {
+        Ok(0) => ReadOutcome::Closed,
+        Ok(n) => ReadOutcome::Data(n),
+        Err(glommio::GlommioError::TimedOut(_)) => ReadOutcome::TimedOut,
+        Err(glommio::GlommioError::IoError(e)) => ReadOutcome::Failed(e),
+        Err(e) => ReadOutcome::Failed(io::Error::other(e.to_string())),
+    }
+}
+
+/// Writes all of `bytes` (from wherever they live: a reply buffer, a log segment's memory
+/// map) straight to the stream, waiting at most `timeout` for the peer to take them.
+pub async fn write_all<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    glommio::timer::timeout(timeout, async {
+        stream
+            .write_all(bytes)
+            .await
+            .map_err(glommio::GlommioError::IoError)
+    })
+    .await
+    .map_err(|e| match e {
+        glommio::GlommioError::IoError(e) => e,
+        other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
+    })
+}

@@ -1,0 +1,226 @@
+//! Storing an accepted transaction durably, and recording what became of its recipients.
+//!
+//! The message is appended once, to this shard's log, from the very buffers DATA was read into;
+//! `250` is only sent once the group commit covering it completes and the mailbox owners have
+//! indexed it. Recipient outcomes are small records in the same log; when the last recipient
+//! of a message is finished, the message dies and reclaim frees its space.
+
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::ledger::{outcome_record, Applied};
+use super::mesh::{reply_channel, MeshMessage};
+use super::Shard;
+use crate::envelope::{self, Destination, Envelope, EnvelopeRecipient, Outcome};
+use crate::pop3::MessageKey;
+use crate::routing::{owner_shard, Route};
+use crate::smtp::{received, StoreFailure, Transaction};
+use crate::store::{RecordId, StoreError};
+
+/// What a POP3 RETR of this recipient's copy sends, in octets: the `Return-Path:` line made at
+/// RETR time, then the stored `Received:` header and body.
+pub fn retr_size_octets(mail_from: &str, stored_message_len: usize) -> u64 {
+    (return_path_line(mail_from).len() + stored_message_len) as u64
+}
+
+/// The `Return-Path:` line POP3 RETR puts in front of a stored message.
+pub fn return_path_line(mail_from: &str) -> String {
+    format!("Return-Path: <{mail_from}>\r\n")
+}
+
+fn unix_now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The queue id a client sees: unique across shards (the shard prefix) and restarts (the
+/// log never reuses a record id that was reported durable).
+pub fn queue_id(shard: usize, record: RecordId) -> String {
+    format!("{shard:03X}{:011X}", record.0)
+}
+
+/// Appends the transaction's message record, waits for it to be durable and indexed, and
+/// returns its queue id.
+pub async fn store_transaction(
+    shard: &Rc<Shard>,
+    transaction: Transaction,
+) -> Result<String, StoreFailure> {
+    let config = &shard.shared.config;
+    let floor = config.smtp.max_message_size.saturating_mul(3) / 2;
+    if shard.free_space_bytes() < floor {
+        tracing::warn!(
+            shard = shard.id,
+            "refusing mail: free space on the log's file system is below {floor} bytes"
+        );
+        return Err(StoreFailure::DiskFull);
+    }
+    let id = shard.store.allocate_id();
+    let queue_id = queue_id(shard.id, id);
+    let received_at_secs = unix_now_secs();
+    let received = received::build(&received::ReceivedFields {
+        helo: &transaction.helo,
+        peer_ip: transaction.peer.ip(),
+        hostname: &config.hostname,
+        protocol: received::Protocol::new(
+            transaction.esmtp,
+            false,
+            false,
+            transaction.smtputf8,
+        ),
+        queue_id: &queue_id,
+        recipient: (transaction.recipients.len() == 1)
+            .then(|| transaction.recipients[0].address.as_str()),
+        unix_time_secs: received_at_secs as i64,
+    });
+    let envelope = Envelope {
+        received_at_secs,
+        mail_from: transaction.mail_from.clone(),
+        recipients: transaction
+            .recipients
+            .iter()
+            .map(|r| EnvelopeRecipient {
+                address: r.address.clone(),
+                destination: match &r.route {
+                    Route::Local { mailbox } => Destination::Mailbox(mailbox.clone()),
+                    Route::Remote { .. } => Destination::Relay,
+                },
+            })
+            .collect(),
+        eight_bit: transaction.eight_bit,
+        smtputf8: transaction.smtputf8,
+    };
+    let body_len: usize = transaction.body.iter().map(Vec::len).sum();
+    let stored_len = received.len() + body_len;
+    let mut pieces = Vec::with_capacity(transaction.body.len() + 2);
+    pieces.push(envelope::encode_envelope(
+        &envelope,
+        received.len(),
+        body_len as u64,
+    ));
+    pieces.push(received);
+    pieces.extend(transaction.body);
+
+    if let Err(e) = shard.store.append(id, envelope::kind::MESSAGE, pieces).await {
+        tracing::error!(shard = shard.id, queue_id, "message not stored: {e}");
+        return Err(match e {
+            StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                StoreFailure::DiskFull
+            }
+            _ => StoreFailure::SyncFailed,
+        });
+    }
+    shard
+        .ledger
+        .borrow_mut()
+        .add_message(id, envelope.recipients.len());
+
+    // Index local copies on their owners and wait until every owner shows them.
+    let mut acks = Vec::new();
+    for (index, recipient) in envelope.recipients.iter().enumerate() {
+        if let Destination::Mailbox(mailbox) = &recipient.destination {
+            let (done, ack) = reply_channel();
+            index_on_owner(
+                shard,
+                mailbox,
+                MessageKey {
+                    shard: shard.id as u16,
+                    record: id.0,
+                    recipient: index as u16,
+                },
+                received_at_secs,
+                retr_size_octets(&envelope.mail_from, stored_len),
+                Some(done),
+            )
+            .await;
+            acks.push(ack);
+        }
+    }
+    for ack in acks {
+        let _ = ack.recv_async().await;
+    }
+    tracing::info!(
+        shard = shard.id,
+        queue_id,
+        client = %transaction.peer.ip(),
+        from = %envelope.mail_from,
+        recipients = %envelope.recipients.iter().map(|r| r.address.as_str()).collect::<Vec<_>>().join(","),
+        size = body_len,
+        "accepted"
+    );
+    Ok(queue_id)
+}
+
+/// Tells a mailbox's owner shard (maybe this one) that a message waits in it.
+pub async fn index_on_owner(
+    shard: &Rc<Shard>,
+    mailbox: &str,
+    key: MessageKey,
+    received_at_secs: u64,
+    size_octets: u64,
+    done: Option<super::mesh::Reply<()>>,
+) {
+    let owner = owner_shard(mailbox, shard.shared.shard_count);
+    let message = MeshMessage::MailboxAdd {
+        mailbox: mailbox.to_string(),
+        key,
+        received_at_secs,
+        size_octets,
+        done,
+    };
+    if owner == shard.id {
+        super::inbox::handle(shard, message);
+    } else {
+        shard.mesh.send(owner, message).await;
+    }
+}
+
+/// Durably records that `recipients` of message `record` (stored in this shard's log) are
+/// finished. Recipients already finished are left alone, so retries are harmless.
+pub async fn record_outcome(
+    shard: &Rc<Shard>,
+    record: RecordId,
+    recipients: Vec<u16>,
+    outcome: Outcome,
+) -> Result<(), StoreError> {
+    let pending: Vec<u16> = {
+        let ledger = shard.ledger.borrow();
+        recipients
+            .into_iter()
+            .filter(|r| ledger.is_pending(record, *r))
+            .collect()
+    };
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let outcome = outcome_record(record, outcome, pending);
+    let id = shard.store.allocate_id();
+    shard
+        .store
+        .append(id, envelope::kind::OUTCOME, vec![outcome.encode()])
+        .await?;
+    let applied = shard.ledger.borrow_mut().apply_outcome(id, &outcome);
+    match applied {
+        Applied::Pending => {}
+        Applied::Orphan => mark_dead_later(shard, vec![id]),
+        Applied::Finished(dead) => mark_dead_later(shard, dead),
+    }
+    Ok(())
+}
+
+/// Marks records dead without making anyone wait: the outcome that finished them is already
+/// durable, so a crash before the tombstone only delays reclaiming their space (recovery finds
+/// them finished again).
+pub fn mark_dead_later(shard: &Rc<Shard>, ids: Vec<RecordId>) {
+    let shard = Rc::clone(shard);
+    glommio::spawn_local(async move {
+        if let Err(e) = shard.store.mark_dead(&ids).await {
+            tracing::warn!(
+                shard = shard.id,
+                "could not mark {} finished record(s) dead: {e}",
+                ids.len()
+            );
+        }
+    })
+    .detach();
+}

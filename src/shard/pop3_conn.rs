@@ -1,0 +1,346 @@
+//! The POP3 connection loop: socket I/O, timers, password checks off the executor, mailbox
+//! locks on the owner shard, and RETR straight from the log's memory map.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{future, AsyncRead, AsyncWrite};
+
+use super::conn::{read_some, write_all, ReadOutcome};
+use super::ingest::{record_outcome, return_path_line};
+use super::mesh::{reply_channel, MeshMessage};
+use super::Shard;
+use crate::envelope::{self, Outcome};
+use crate::limits::Refusal;
+use crate::mailbox::{OpenRefusal, SessionId};
+use crate::pop3::{Action, MessageKey, OpenFailure, PeerInfo, Session};
+use crate::routing::owner_shard;
+use crate::store::{RecordId, RecordRef};
+
+/// How long a RETR may wait for the client to take the bytes.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The maildrop a session holds; released on the owner shard however the session ends.
+struct HeldMaildrop {
+    shard: Rc<Shard>,
+    mailbox: String,
+    holder: SessionId,
+    /// Deletions made durable at QUIT, for the owner to forget.
+    removed: Vec<MessageKey>,
+}
+
+impl Drop for HeldMaildrop {
+    fn drop(&mut self) {
+        let owner = owner_shard(&self.mailbox, self.shard.shared.shard_count);
+        let message = MeshMessage::MailboxClose {
+            mailbox: std::mem::take(&mut self.mailbox),
+            holder: self.holder,
+            removed: std::mem::take(&mut self.removed),
+        };
+        if owner == self.shard.id {
+            super::inbox::handle(&self.shard, message);
+        } else if !self.shard.mesh.try_send(owner, message) {
+            tracing::error!(shard = self.shard.id, "could not release a maildrop lock: owner inbox full");
+        }
+    }
+}
+
+/// Serves one POP3 connection to the end.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: Rc<Shard>,
+    mut stream: S,
+    peer: SocketAddr,
+) {
+    let config = &shard.shared.config;
+    let _slot = match shard.shared.pop3_limits.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let why = match refusal {
+                Refusal::TooManyConnections => "too many connections",
+                Refusal::TooManyFromAddress => "too many connections from your address",
+            };
+            let reply = format!("-ERR [SYS/TEMP] {why}, try again later\r\n");
+            let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
+            return;
+        }
+    };
+    let mut session = Session::new(
+        Rc::clone(&shard.pop3_params),
+        PeerInfo {
+            addr: peer,
+            // Until TLS exists, passwords are accepted only where they never leave the host.
+            plaintext_auth_allowed: is_loopback(peer.ip()),
+            tls: false,
+        },
+    );
+    let holder = SessionId {
+        shard: shard.id as u16,
+        serial: shard.next_session_serial(),
+    };
+    let mut maildrop: Option<HeldMaildrop> = None;
+    let idle_timeout = config.pop3.idle_timeout;
+
+    loop {
+        if !session.output().is_empty() {
+            if write_all(&mut stream, session.output(), WRITE_TIMEOUT)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let n = session.output().len();
+            session.output_consumed(n);
+        }
+        match session.poll_action() {
+            Action::Idle => {
+                if !session.wants_input() {
+                    break;
+                }
+                let read = future::or(
+                    async { Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await) },
+                    async {
+                        shard.stopped().await;
+                        None
+                    },
+                )
+                .await;
+                match read {
+                    Some(ReadOutcome::Data(n)) => session.input_filled(n),
+                    None => {
+                        let _ = write_all(
+                            &mut stream,
+                            b"-ERR [SYS/TEMP] server shutting down\r\n",
+                            WRITE_TIMEOUT,
+                        )
+                        .await;
+                        break;
+                    }
+                    Some(ReadOutcome::TimedOut) => {
+                        let _ = write_all(
+                            &mut stream,
+                            b"-ERR autologout; idle for too long\r\n",
+                            WRITE_TIMEOUT,
+                        )
+                        .await;
+                        break;
+                    }
+                    Some(ReadOutcome::Closed) | Some(ReadOutcome::Failed(_)) => break,
+                }
+            }
+            Action::Authenticate { user, password } => {
+                let ok = authenticate(&shard, peer, user, password).await;
+                session.auth_checked(ok);
+            }
+            Action::OpenMailbox { user } => {
+                let mailbox = shard
+                    .users
+                    .canonical(&user)
+                    .map(str::to_string)
+                    .unwrap_or(user);
+                let result = open_maildrop(&shard, &mailbox, holder).await;
+                if result.is_ok() {
+                    maildrop = Some(HeldMaildrop {
+                        shard: Rc::clone(&shard),
+                        mailbox,
+                        holder,
+                        removed: Vec::new(),
+                    });
+                }
+                session.mailbox_opened(result);
+            }
+            Action::SendMessage { key, top_lines } => {
+                if send_message(&shard, &mut stream, &mut session, key, top_lines)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                session.message_sent();
+            }
+            Action::Commit { deletions } => {
+                let ok = commit_deletions(&shard, &deletions).await;
+                if ok {
+                    if let Some(held) = maildrop.as_mut() {
+                        held.removed = deletions;
+                    }
+                }
+                // Release the lock (and forget the deleted) before the client hears +OK.
+                drop(maildrop.take());
+                session.commit_done(ok);
+            }
+            Action::Close => {
+                let n = session.output().len();
+                if n > 0 {
+                    let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
+                    session.output_consumed(n);
+                }
+                break;
+            }
+        }
+    }
+    drop(maildrop);
+}
+
+/// Verifies a password on the blocking pool (argon2id takes tens of milliseconds), and slows
+/// down repeated failures from one address with a timer.
+async fn authenticate(shard: &Rc<Shard>, peer: SocketAddr, user: String, password: String) -> bool {
+    let users = Arc::clone(&shard.users);
+    let ok = glommio::executor()
+        .spawn_blocking(move || users.verify(&user, &password))
+        .await;
+    if ok {
+        shard.throttle.borrow_mut().record_success(peer.ip());
+    } else {
+        let delay = shard
+            .throttle
+            .borrow_mut()
+            .record_failure(peer.ip(), Instant::now());
+        tracing::info!(shard = shard.id, client = %peer.ip(), "pop3 login failed; answering in {delay:?}");
+        glommio::timer::sleep(delay).await;
+    }
+    ok
+}
+
+async fn open_maildrop(
+    shard: &Rc<Shard>,
+    mailbox: &str,
+    holder: SessionId,
+) -> Result<Vec<crate::pop3::MessageEntry>, OpenFailure> {
+    let owner = owner_shard(mailbox, shard.shared.shard_count);
+    let (reply, answer) = reply_channel();
+    let request = MeshMessage::MailboxOpen {
+        mailbox: mailbox.to_string(),
+        holder,
+        reply,
+    };
+    if owner == shard.id {
+        super::inbox::handle(shard, request);
+    } else {
+        shard.mesh.send(owner, request).await;
+    }
+    match answer.recv_async().await {
+        Ok(Ok(listing)) => Ok(listing),
+        Ok(Err(OpenRefusal::InUse)) => Err(OpenFailure::InUse),
+        Err(_) => Err(OpenFailure::Unavailable),
+    }
+}
+
+/// A handle on a stored record, from this shard's log or another's.
+async fn fetch_record(shard: &Rc<Shard>, key: MessageKey) -> Result<RecordRef, String> {
+    let record = RecordId(key.record);
+    if usize::from(key.shard) == shard.id {
+        return shard.store.read(record).map_err(|e| e.to_string());
+    }
+    let (reply, answer) = reply_channel();
+    shard
+        .mesh
+        .send(usize::from(key.shard), MeshMessage::ReadRecord { record, reply })
+        .await;
+    answer
+        .recv_async()
+        .await
+        .map_err(|_| "the storing shard is gone".to_string())?
+}
+
+/// RETR/TOP: the session queued the `+OK` line; send `Return-Path:`, then the stored bytes
+/// straight from the memory map — no copy in user space — then the terminating dot.
+async fn send_message<S: AsyncWrite + Unpin>(
+    shard: &Rc<Shard>,
+    stream: &mut S,
+    session: &mut Session,
+    key: MessageKey,
+    top_lines: Option<u64>,
+) -> std::io::Result<()> {
+    let record = fetch_record(shard, key).await.map_err(std::io::Error::other)?;
+    let layout = envelope::decode_message(&record).map_err(std::io::Error::other)?;
+    let stored = &record[layout.stored_message()];
+    let stored = match top_lines {
+        Some(lines) => &stored[..crate::pop3::top_len(stored, lines)],
+        None => stored,
+    };
+    // A cold segment would fault inside send() and stall every connection of the shard.
+    record.prefetch();
+    // The +OK line and Return-Path go out in one small write before the stored bytes.
+    let mut head = session.output().to_vec();
+    session.output_consumed(head.len());
+    head.extend_from_slice(return_path_line(&layout.envelope.mail_from).as_bytes());
+    write_all(stream, &head, WRITE_TIMEOUT).await?;
+    write_all(stream, stored, WRITE_TIMEOUT).await?;
+    let tail: &[u8] = if stored.is_empty() || stored.ends_with(b"\r\n") {
+        b".\r\n"
+    } else {
+        b"\r\n.\r\n"
+    };
+    write_all(stream, tail, WRITE_TIMEOUT).await
+}
+
+/// UPDATE: records the deletions durably in the log of each shard that stored them.
+async fn commit_deletions(shard: &Rc<Shard>, deletions: &[MessageKey]) -> bool {
+    let mut by_record: BTreeMap<(u16, u64), Vec<u16>> = BTreeMap::new();
+    for key in deletions {
+        by_record
+            .entry((key.shard, key.record))
+            .or_default()
+            .push(key.recipient);
+    }
+    let mut waits = Vec::new();
+    let mut local = Vec::new();
+    for ((storing_shard, record), recipients) in by_record {
+        let record = RecordId(record);
+        if usize::from(storing_shard) == shard.id {
+            // Concurrent appends share one group commit.
+            let shard = Rc::clone(shard);
+            local.push(glommio::spawn_local(async move {
+                record_outcome(&shard, record, recipients, Outcome::Deleted)
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+        } else {
+            let (reply, answer) = reply_channel();
+            shard
+                .mesh
+                .send(
+                    usize::from(storing_shard),
+                    MeshMessage::RecordOutcome {
+                        record,
+                        recipients,
+                        outcome: Outcome::Deleted,
+                        reply,
+                    },
+                )
+                .await;
+            waits.push(answer);
+        }
+    }
+    let mut ok = true;
+    for task in local {
+        if let Err(e) = task.await {
+            tracing::error!(shard = shard.id, "deletion not recorded: {e}");
+            ok = false;
+        }
+    }
+    for answer in waits {
+        match answer.recv_async().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(shard = shard.id, "deletion not recorded: {e}");
+                ok = false;
+            }
+            Err(_) => ok = false,
+        }
+    }
+    ok
+}
+
+/// Loopback, including IPv4 loopback seen through an IPv6 socket.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
