@@ -1,18 +1,29 @@
 //! ringmail: a thread-per-core io_uring mail relay.
 //!
+//! One process, one pinned glommio executor (a *shard*) per core. Each shard owns its
+//! connections and an append-only log; a message's hot path never leaves the core that
+//! accepted it. Protocol cores do no I/O: the shard's connection loops do.
+//!
 //! # Layout
 //!
 //! - [`config`]: the one configuration struct, its defaults (SPEC §2) and its loader.
 //! - [`server`]: starts the shards, holds the `data_dir` lock, signals and the graceful drain.
-//! - [`shard`]: one pinned executor per core; the only place with sockets and timers.
+//! - [`shard`]: one pinned executor per core; the only place with sockets and timers: connection loops, the mesh, ingest, recovery.
 //! - [`host`]: what the host grants (locked memory, open files) and what that costs.
 //! - [`limits`]: connection admission across shards.
-//! - [`envelope`]: the message record (envelope, `Received:`, body) and recipient outcome records.
-//! - [`auth`]: users and argon2id password hashes.
+//! - [`envelope`]: what the log says about mail: the message record (envelope, `Received:`, body) and recipient outcome records.
+//! - [`mailbox`]: mailbox indexes on their owner shards, and the maildrop lock.
+//! - [`pop3`]: sans-IO POP3 core: command parser, replies, session state machine, TOP scanner.
+//! - [`auth`]: users, argon2id password hashes, SASL PLAIN decoding.
+//! - [`throttle`]: per-client-address login failure throttle (pure, time passed in).
+
 pub mod auth;
 pub mod config;
 pub mod envelope;
 pub mod host;
 pub mod limits;
+pub mod mailbox;
+pub mod pop3;
 pub mod server;
 pub mod shard;
+pub mod throttle;
