@@ -10,6 +10,7 @@
 //! - [`dsn`]: RFC 3464 delivery status notifications.
 //! - [`retry`]: when to try a deferred recipient again, or give up.
 
+pub mod client;
 pub mod dns;
 #[cfg(test)]
 mod fake_dns;
