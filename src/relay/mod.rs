@@ -14,4 +14,5 @@ pub mod client;
 pub mod dns;
 #[cfg(test)]
 mod fake_dns;
+pub mod nexthop;
 pub mod retry;
