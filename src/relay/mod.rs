@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod dns;
+pub mod dsn;
 #[cfg(test)]
 mod fake_dns;
 pub mod nexthop;
