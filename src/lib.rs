@@ -14,6 +14,7 @@
 //! - [`envelope`]: what the log says about mail: the message record (envelope, `Received:`, body) and recipient outcome records.
 //! - [`mailbox`]: mailbox indexes on their owner shards, and the maildrop lock.
 //! - [`pop3`]: sans-IO POP3 core: command parser, replies, session state machine, TOP scanner.
+//! - [`relay`]: relay building blocks: DNS (hickory-proto), next hops, sans-IO SMTP client, retry schedule, DSNs.
 //! - [`auth`]: users, argon2id password hashes, SASL PLAIN decoding.
 //! - [`throttle`]: per-client-address login failure throttle (pure, time passed in).
 
@@ -24,6 +25,7 @@ pub mod host;
 pub mod limits;
 pub mod mailbox;
 pub mod pop3;
+pub mod relay;
 pub mod server;
 pub mod shard;
 pub mod throttle;
