@@ -184,3 +184,142 @@ pub fn run_cli(args: &[&str], stdin: &str) -> (ExitStatus, String, String) {
         .unwrap();
     (child.wait().unwrap(), out, err)
 }
+
+/// argon2id of "pw" (m=19456, t=2, p=1), so tests need not hash at start.
+pub const PW_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$l2tF5CrpNfCtCn8PnwYU2w$2VqHDCVAgviAAJbC5lt16cunb+ty3s7HrNdScT49YTo";
+
+/// A configuration with local domain `example.test` and users alice, bob and carol (password
+/// "pw"); `extra_root` goes at the top level, `extra_smtp` into `[smtp]`.
+pub fn mail_config(dir: &Path, shards: usize, extra_root: &str, extra_smtp: &str) -> String {
+    let users: String = ["alice", "bob", "carol"]
+        .iter()
+        .map(|u| {
+            format!("[[users]]\naddress = \"{u}@example.test\"\npassword_hash = \"{PW_HASH}\"\n")
+        })
+        .collect();
+    format!(
+        r#"hostname = "mx.ringmail.test"
+data_dir = "{data}"
+shards = {shards}
+shutdown_grace_secs = 5
+local_domains = ["example.test"]
+{extra_root}
+{users}
+[smtp]
+listen = ["127.0.0.1:0"]
+{extra_smtp}
+[pop3]
+listen = ["127.0.0.1:0"]
+[relay]
+resolver = "127.0.0.1:53535"
+"#,
+        data = dir.join("data").display(),
+    )
+}
+
+/// A line-level SMTP/POP3 client over a plain socket, for asserting exact replies.
+pub struct LineClient {
+    pub stream: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl LineClient {
+    pub fn connect(addr: SocketAddr) -> LineClient {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        LineClient { stream, reader }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// One line, CRLF stripped; "" at EOF.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = self.reader.read_line(&mut line);
+        line.trim_end_matches(['\r', '\n']).to_string()
+    }
+
+    /// A whole (possibly multi-line) SMTP reply, lines joined with '\n'.
+    pub fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            let more = line.len() > 3 && line.as_bytes()[3] == b'-';
+            lines.push(line);
+            if !more {
+                return lines.join("\n");
+            }
+        }
+    }
+
+    /// Sends a command line and returns the reply.
+    pub fn command(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Reads a POP3 multi-line body up to the terminating ".", raw bytes with CRLFs.
+    pub fn pop3_multiline(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            self.reader.read_until(b'\n', &mut line).unwrap();
+            assert!(!line.is_empty(), "EOF inside a multi-line response");
+            if line == b".\r\n" {
+                return out;
+            }
+            out.extend_from_slice(&line);
+        }
+    }
+
+    /// True once the server has closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}
+
+/// Sends one message over SMTP and returns the final reply to the end of data.
+pub fn send_mail(addr: SocketAddr, from: &str, to: &[&str], data: &[u8]) -> String {
+    let mut c = LineClient::connect(addr);
+    assert!(c.reply().starts_with("220 "));
+    assert!(c.command("EHLO client.test").starts_with("250"));
+    let r = c.command(&format!("MAIL FROM:<{from}>"));
+    assert!(r.starts_with("250"), "{r}");
+    for rcpt in to {
+        let r = c.command(&format!("RCPT TO:<{rcpt}>"));
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let r = c.command("DATA");
+    assert!(r.starts_with("354"), "{r}");
+    c.send(data);
+    c.send(b".\r\n");
+    let reply = c.reply();
+    c.command("QUIT");
+    reply
+}
+
+/// Logs in to POP3 as `user` and returns every message as RETR sends it (unstuffed bytes
+/// are not needed: tests compare the wire form).
+pub fn pop3_retrieve_all(addr: SocketAddr, user: &str) -> Vec<Vec<u8>> {
+    let mut c = LineClient::connect(addr);
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.command(&format!("USER {user}")).starts_with("+OK"));
+    let r = c.command("PASS pw");
+    assert!(r.starts_with("+OK"), "{r}");
+    let stat = c.command("STAT");
+    let count: usize = stat.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut out = Vec::new();
+    for n in 1..=count {
+        let r = c.command(&format!("RETR {n}"));
+        assert!(r.starts_with("+OK"), "{r}");
+        out.push(c.pop3_multiline());
+    }
+    assert!(c.command("QUIT").starts_with("+OK"));
+    out
+}
