@@ -1,1 +1,3 @@
-fn main() { println!("loadgen: usage: loadgen smtp|pop3|sink|dns ..."); }
+fn main() {
+    println!("loadgen: usage: loadgen smtp|pop3|sink|dns ...");
+}
