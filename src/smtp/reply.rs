@@ -154,8 +154,8 @@ pub mod replies {
     pub const NESTED_MAIL: Reply = Reply::new(503, E::new(5, 5, 1), "Sender already specified");
     /// RCPT, DATA or BDAT without MAIL.
     pub const NEED_MAIL: Reply = Reply::new(503, E::new(5, 5, 1), "Send MAIL first");
-    /// DATA or BDAT without any recipient accepted.
-    pub const NEED_RCPT: Reply = Reply::new(503, E::new(5, 5, 1), "Send RCPT first");
+    /// DATA or BDAT after MAIL when every RCPT was refused (RFC 5321 §3.3, RFC 2920 §3.1).
+    pub const NO_VALID_RECIPIENTS: Reply = Reply::new(554, E::new(5, 5, 1), "No valid recipients");
     /// DATA after BDAT in the same transaction (RFC 3030 §2).
     pub const DATA_AFTER_BDAT: Reply =
         Reply::new(503, E::new(5, 5, 1), "DATA not allowed after BDAT");
@@ -271,7 +271,6 @@ mod tests {
             NEED_HELO,
             NESTED_MAIL,
             NEED_MAIL,
-            NEED_RCPT,
             DATA_AFTER_BDAT,
             UNKNOWN_PARAMETER,
             NEED_SMTPUTF8,
