@@ -13,6 +13,8 @@
 //! - [`limits`]: connection admission across shards.
 //! - [`envelope`]: what the log says about mail: the message record (envelope, `Received:`, body) and recipient outcome records.
 //! - [`mailbox`]: mailbox indexes on their owner shards, and the maildrop lock.
+//! - [`smtp`]: sans-IO SMTP server core: command parser, data scanner, replies, session state machine, `Received:`.
+//! - [`routing`]: recipient routing (local mailbox, relay, refused) and mailbox owner shards.
 //! - [`pop3`]: sans-IO POP3 core: command parser, replies, session state machine, TOP scanner.
 //! - [`relay`]: relay building blocks: DNS (hickory-proto), next hops, sans-IO SMTP client, retry schedule, DSNs.
 //! - [`auth`]: users, argon2id password hashes, SASL PLAIN decoding.
@@ -26,6 +28,8 @@ pub mod limits;
 pub mod mailbox;
 pub mod pop3;
 pub mod relay;
+pub mod routing;
 pub mod server;
 pub mod shard;
+pub mod smtp;
 pub mod throttle;

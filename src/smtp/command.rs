@@ -1,0 +1,525 @@
+//! The SMTP command parser: one complete command line (CRLF already removed and checked
+//! by the session's line framing) in, one [`Command`] or [`CommandError`] out.
+//!
+//! Pure and allocation-free: the command borrows from the line.
+
+use super::address::{self, AddressError, ForwardPath, ReversePath};
+use super::reply::{replies, Reply};
+
+/// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
+pub const MAX_COMMAND_LINE_BYTES: usize = 512;
+
+/// Longest SIZE or BDAT number we read: 20 digits already exceed u64.
+const MAX_NUMBER_DIGITS: usize = 20;
+
+/// A parsed command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// EHLO: the client speaks ESMTP; its argument is kept for the Received header.
+    Ehlo {
+        /// The client's claimed name, as sent.
+        domain: &'a str,
+    },
+    /// HELO: plain SMTP, no extensions or parameters.
+    Helo {
+        /// The client's claimed name, as sent.
+        domain: &'a str,
+    },
+    /// MAIL FROM: starts a transaction.
+    Mail {
+        /// The sender.
+        from: ReversePath<'a>,
+        /// ESMTP parameters.
+        params: MailParams,
+    },
+    /// RCPT TO: adds a recipient.
+    Rcpt {
+        /// The recipient.
+        to: ForwardPath<'a>,
+    },
+    /// DATA: the dot-terminated body follows the 354 reply.
+    Data,
+    /// BDAT (RFC 3030): exactly `size_bytes` octets of body follow the line.
+    Bdat {
+        /// Octets in this chunk.
+        size_bytes: u64,
+        /// True for the chunk that ends the message.
+        last: bool,
+    },
+    /// RSET: abort the transaction.
+    Rset,
+    /// NOOP (arguments ignored, RFC 5321 §4.1.1.9).
+    Noop,
+    /// QUIT.
+    Quit,
+    /// VRFY: answered 252 without looking anything up.
+    Vrfy,
+    /// HELP (argument ignored).
+    Help,
+    /// STARTTLS: recognised so the seam exists; refused until TLS is configured.
+    StartTls,
+    /// AUTH: recognised so the seam exists; refused until AUTH is implemented.
+    Auth,
+    /// A verb RFC 5321 defines that we do not offer (EXPN, TURN, ...).
+    NotImplemented,
+}
+
+/// The body type a client declared with `BODY=` (RFC 6152).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyType {
+    /// `BODY=7BIT`.
+    SevenBit,
+    /// `BODY=8BITMIME`.
+    EightBitMime,
+}
+
+/// MAIL FROM parameters we support.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailParams {
+    /// `SIZE=` (RFC 1870): lets us refuse an oversized message before it is sent.
+    pub size_bytes: Option<u64>,
+    /// `BODY=` (RFC 6152).
+    pub body: Option<BodyType>,
+    /// `SMTPUTF8` (RFC 6531): addresses and headers may hold UTF-8.
+    pub smtputf8: bool,
+}
+
+/// Why a command line was refused; [`CommandError::reply`] gives the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The verb is unknown (or the line is not text).
+    #[error("command unrecognized")]
+    Unrecognized,
+    /// Arguments are missing, extra or malformed.
+    #[error("syntax error in arguments")]
+    Syntax,
+    /// MAIL FROM path is malformed.
+    #[error("bad sender address: {0}")]
+    BadSender(AddressError),
+    /// RCPT TO path is malformed.
+    #[error("bad recipient address: {0}")]
+    BadRecipient(AddressError),
+    /// An ESMTP parameter we do not support.
+    #[error("unsupported parameter")]
+    UnknownParameter,
+    /// The line is an HTTP request: someone pointed a browser or proxy at us.
+    #[error("HTTP request on the SMTP port")]
+    Http,
+}
+
+impl CommandError {
+    /// The reply RFC 5321 asks for.
+    pub fn reply(self) -> Reply {
+        match self {
+            CommandError::Unrecognized => replies::UNRECOGNIZED,
+            CommandError::Syntax => replies::SYNTAX_ERROR,
+            CommandError::BadSender(AddressError::TooLong)
+            | CommandError::BadRecipient(AddressError::TooLong) => replies::PATH_TOO_LONG,
+            CommandError::BadSender(AddressError::Syntax) => replies::BAD_SENDER_SYNTAX,
+            CommandError::BadRecipient(AddressError::Syntax) => replies::BAD_RECIPIENT_SYNTAX,
+            CommandError::UnknownParameter => replies::UNKNOWN_PARAMETER,
+            CommandError::Http => replies::HTTP_REFUSED,
+        }
+    }
+}
+
+/// HTTP methods: a line starting with one of these and an argument is an HTTP request.
+const HTTP_METHODS: &[&str] = &[
+    "GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Parses one command line, without its CRLF.
+pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
+    // Commands are ASCII; only SMTPUTF8 addresses may add UTF-8. Anything else is noise.
+    let line = std::str::from_utf8(line).map_err(|_| CommandError::Unrecognized)?;
+    // Trailing blanks are a common client slip and carry no meaning.
+    let line = line.trim_end_matches([' ', '\t']);
+    let (verb, args) = match line.find(' ') {
+        Some(space) => (&line[..space], Some(&line[space + 1..])),
+        None => (line, None),
+    };
+    let is = |name: &str| verb.eq_ignore_ascii_case(name);
+    let no_args = |command: Command<'static>| match args {
+        None => Ok(command),
+        Some(_) => Err(CommandError::Syntax),
+    };
+    if is("MAIL") {
+        parse_mail(args)
+    } else if is("RCPT") {
+        parse_rcpt(args)
+    } else if is("DATA") {
+        no_args(Command::Data)
+    } else if is("BDAT") {
+        parse_bdat(args)
+    } else if is("EHLO") || is("HELO") {
+        let domain = parse_helo_domain(args)?;
+        Ok(if is("EHLO") {
+            Command::Ehlo { domain }
+        } else {
+            Command::Helo { domain }
+        })
+    } else if is("RSET") {
+        no_args(Command::Rset)
+    } else if is("NOOP") {
+        Ok(Command::Noop)
+    } else if is("QUIT") {
+        no_args(Command::Quit)
+    } else if is("VRFY") {
+        match args {
+            Some(a) if !a.trim().is_empty() => Ok(Command::Vrfy),
+            _ => Err(CommandError::Syntax),
+        }
+    } else if is("HELP") {
+        Ok(Command::Help)
+    } else if is("STARTTLS") {
+        no_args(Command::StartTls)
+    } else if is("AUTH") {
+        Ok(Command::Auth)
+    } else if is("EXPN") || is("TURN") || is("ETRN") || is("SEND") || is("SOML") || is("SAML") {
+        Ok(Command::NotImplemented)
+    } else if args.is_some() && HTTP_METHODS.iter().any(|m| is(m)) {
+        Err(CommandError::Http)
+    } else {
+        Err(CommandError::Unrecognized)
+    }
+}
+
+/// EHLO/HELO argument: one printable token. We accept any printable name rather than a
+/// strict domain because real clients send "localhost", underscores and bare IPs; it is
+/// only ever quoted back in the Received header.
+fn parse_helo_domain(args: Option<&str>) -> Result<&str, CommandError> {
+    let domain = args.map(str::trim).unwrap_or("");
+    let printable = domain.bytes().all(|b| b.is_ascii_graphic() || b >= 0x80);
+    if domain.is_empty() || !printable || domain.len() > address::MAX_DOMAIN_BYTES {
+        return Err(CommandError::Syntax);
+    }
+    Ok(domain)
+}
+
+/// Strips a case-insensitive `prefix` (e.g. "FROM:") and the blanks some clients put
+/// after the colon, which RFC 5321 forbids but Postfix and others accept.
+fn strip_keyword<'a>(args: Option<&'a str>, prefix: &str) -> Option<&'a str> {
+    let args = args?;
+    let head = args.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    Some(args[prefix.len()..].trim_start_matches(' '))
+}
+
+fn parse_mail(args: Option<&str>) -> Result<Command<'_>, CommandError> {
+    let path = strip_keyword(args, "FROM:").ok_or(CommandError::Syntax)?;
+    let (from, rest) = address::parse_reverse_path(path).map_err(CommandError::BadSender)?;
+    let mut params = MailParams::default();
+    for (keyword, value) in esmtp_params(rest)? {
+        if keyword.eq_ignore_ascii_case("SIZE") {
+            let value = value.ok_or(CommandError::Syntax)?;
+            if params.size_bytes.replace(parse_number(value)?).is_some() {
+                return Err(CommandError::Syntax);
+            }
+        } else if keyword.eq_ignore_ascii_case("BODY") {
+            let body = match value {
+                Some(v) if v.eq_ignore_ascii_case("7BIT") => BodyType::SevenBit,
+                Some(v) if v.eq_ignore_ascii_case("8BITMIME") => BodyType::EightBitMime,
+                _ => return Err(CommandError::Syntax),
+            };
+            if params.body.replace(body).is_some() {
+                return Err(CommandError::Syntax);
+            }
+        } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
+            if value.is_some() || params.smtputf8 {
+                return Err(CommandError::Syntax);
+            }
+            params.smtputf8 = true;
+        } else {
+            return Err(CommandError::UnknownParameter);
+        }
+    }
+    Ok(Command::Mail { from, params })
+}
+
+fn parse_rcpt(args: Option<&str>) -> Result<Command<'_>, CommandError> {
+    let path = strip_keyword(args, "TO:").ok_or(CommandError::Syntax)?;
+    let (to, rest) = address::parse_forward_path(path).map_err(CommandError::BadRecipient)?;
+    // We offer no RCPT parameters (no DSN): any is unknown.
+    if esmtp_params(rest)?.next().is_some() {
+        return Err(CommandError::UnknownParameter);
+    }
+    Ok(Command::Rcpt { to })
+}
+
+fn parse_bdat(args: Option<&str>) -> Result<Command<'_>, CommandError> {
+    let mut words = args.ok_or(CommandError::Syntax)?.split(' ');
+    let size_bytes = parse_number(words.next().ok_or(CommandError::Syntax)?)?;
+    let last = match words.next() {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(CommandError::Syntax),
+    };
+    if words.next().is_some() {
+        return Err(CommandError::Syntax);
+    }
+    Ok(Command::Bdat { size_bytes, last })
+}
+
+/// A decimal number of at most 20 digits; values beyond u64 saturate, which every limit
+/// then refuses.
+fn parse_number(text: &str) -> Result<u64, CommandError> {
+    if text.is_empty()
+        || text.len() > MAX_NUMBER_DIGITS
+        || !text.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(CommandError::Syntax);
+    }
+    Ok(text.bytes().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
+}
+
+/// Splits ` KEY[=VALUE] KEY[=VALUE]...` (RFC 5321 §4.1.2 esmtp-param). Checks the syntax
+/// of every parameter up front so a malformed one is 501 even after an unknown one.
+fn esmtp_params(rest: &str) -> Result<impl Iterator<Item = (&str, Option<&str>)>, CommandError> {
+    if !rest.is_empty() && !rest.starts_with(' ') {
+        // Something glued to the closing '>'.
+        return Err(CommandError::Syntax);
+    }
+    let split = |param: &str| -> Result<(), CommandError> {
+        let (keyword, value) = match param.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (param, None),
+        };
+        let keyword_ok = keyword
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+            && keyword
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let value_ok = value.is_none_or(|v| {
+            !v.is_empty() && v.bytes().all(|b| (33..=126).contains(&b) && b != b'=')
+        });
+        if keyword_ok && value_ok {
+            Ok(())
+        } else {
+            Err(CommandError::Syntax)
+        }
+    };
+    let params = rest.split(' ').filter(|p| !p.is_empty());
+    for param in params.clone() {
+        split(param)?;
+    }
+    Ok(params.map(|param| match param.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (param, None),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::address::Mailbox;
+    use proptest::prelude::*;
+
+    fn mailbox(text: &str) -> Mailbox<'_> {
+        address::parse_mailbox(text).unwrap()
+    }
+
+    #[test]
+    fn table() {
+        use Command::*;
+        use CommandError::*;
+        let table: Vec<(&str, Result<Command<'_>, CommandError>)> = vec![
+            (
+                "EHLO client.test",
+                Ok(Ehlo {
+                    domain: "client.test",
+                }),
+            ),
+            (
+                "ehlo [127.0.0.1]",
+                Ok(Ehlo {
+                    domain: "[127.0.0.1]",
+                }),
+            ),
+            ("HELO x", Ok(Helo { domain: "x" })),
+            ("EHLO", Err(Syntax)),
+            ("EHLO a b", Err(Syntax)),
+            (
+                "MAIL FROM:<>",
+                Ok(Mail {
+                    from: ReversePath::Null,
+                    params: MailParams::default(),
+                }),
+            ),
+            (
+                "mail from:<a@b.test>",
+                Ok(Mail {
+                    from: ReversePath::Mailbox(mailbox("a@b.test")),
+                    params: MailParams::default(),
+                }),
+            ),
+            (
+                "MAIL FROM: <a@b.test>",
+                Ok(Mail {
+                    from: ReversePath::Mailbox(mailbox("a@b.test")),
+                    params: MailParams::default(),
+                }),
+            ),
+            (
+                "MAIL FROM:<a@b.test> SIZE=1000 BODY=8BITMIME SMTPUTF8",
+                Ok(Mail {
+                    from: ReversePath::Mailbox(mailbox("a@b.test")),
+                    params: MailParams {
+                        size_bytes: Some(1000),
+                        body: Some(BodyType::EightBitMime),
+                        smtputf8: true,
+                    },
+                }),
+            ),
+            (
+                "MAIL FROM:<> body=7bit",
+                Ok(Mail {
+                    from: ReversePath::Null,
+                    params: MailParams {
+                        body: Some(BodyType::SevenBit),
+                        ..MailParams::default()
+                    },
+                }),
+            ),
+            (
+                "MAIL FROM:<> SIZE=99999999999999999999",
+                Ok(Mail {
+                    from: ReversePath::Null,
+                    params: MailParams {
+                        size_bytes: Some(u64::MAX),
+                        ..MailParams::default()
+                    },
+                }),
+            ),
+            ("MAIL FROM:<> SIZE=999999999999999999999", Err(Syntax)),
+            ("MAIL FROM:<> SIZE=", Err(Syntax)),
+            ("MAIL FROM:<> SIZE=12a", Err(Syntax)),
+            ("MAIL FROM:<> SIZE=1 SIZE=2", Err(Syntax)),
+            ("MAIL FROM:<> BODY=BINARYMIME", Err(Syntax)),
+            ("MAIL FROM:<> SMTPUTF8=yes", Err(Syntax)),
+            ("MAIL FROM:<> RET=FULL", Err(UnknownParameter)),
+            ("MAIL FROM:<> X-FOO", Err(UnknownParameter)),
+            ("MAIL FROM:<>SIZE=1", Err(Syntax)),
+            ("MAIL FROM:<> =1", Err(Syntax)),
+            ("MAIL FROM:a@b.test", Err(BadSender(AddressError::Syntax))),
+            ("MAIL TO:<a@b.test>", Err(Syntax)),
+            ("MAIL", Err(Syntax)),
+            (
+                "RCPT TO:<a@b.test>",
+                Ok(Rcpt {
+                    to: ForwardPath::Mailbox(mailbox("a@b.test")),
+                }),
+            ),
+            (
+                "RCPT TO:<Postmaster>",
+                Ok(Rcpt {
+                    to: ForwardPath::Postmaster("Postmaster"),
+                }),
+            ),
+            ("RCPT TO:<a@b.test> NOTIFY=NEVER", Err(UnknownParameter)),
+            ("RCPT TO:<a@>", Err(BadRecipient(AddressError::Syntax))),
+            ("RCPT FROM:<a@b.test>", Err(Syntax)),
+            ("DATA", Ok(Data)),
+            ("data  ", Ok(Data)),
+            ("DATA x", Err(Syntax)),
+            (
+                "BDAT 100",
+                Ok(Bdat {
+                    size_bytes: 100,
+                    last: false,
+                }),
+            ),
+            (
+                "BDAT 0 LAST",
+                Ok(Bdat {
+                    size_bytes: 0,
+                    last: true,
+                }),
+            ),
+            (
+                "bdat 5 last",
+                Ok(Bdat {
+                    size_bytes: 5,
+                    last: true,
+                }),
+            ),
+            ("BDAT", Err(Syntax)),
+            ("BDAT -1", Err(Syntax)),
+            ("BDAT 5 FIRST", Err(Syntax)),
+            ("BDAT 5 LAST x", Err(Syntax)),
+            ("RSET", Ok(Rset)),
+            ("RSET now", Err(Syntax)),
+            ("NOOP", Ok(Noop)),
+            ("NOOP anything goes", Ok(Noop)),
+            ("QUIT", Ok(Quit)),
+            ("VRFY alice", Ok(Vrfy)),
+            ("VRFY", Err(Syntax)),
+            ("HELP", Ok(Help)),
+            ("HELP MAIL", Ok(Help)),
+            ("STARTTLS", Ok(StartTls)),
+            ("AUTH PLAIN", Ok(Auth)),
+            ("EXPN list", Ok(NotImplemented)),
+            ("GET / HTTP/1.1", Err(Http)),
+            ("POST /submit HTTP/1.1", Err(Http)),
+            ("CONNECT example.test:25 HTTP/1.1", Err(Http)),
+            ("GET", Err(Unrecognized)),
+            ("", Err(Unrecognized)),
+            ("FOO", Err(Unrecognized)),
+            ("MAILFROM:<>", Err(Unrecognized)),
+        ];
+        for (line, want) in table {
+            assert_eq!(parse(line.as_bytes()), want, "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_is_unrecognized() {
+        assert_eq!(
+            parse(b"MAIL FROM:<\xff@b.test>"),
+            Err(CommandError::Unrecognized)
+        );
+    }
+
+    #[test]
+    fn every_error_has_a_failure_reply() {
+        for error in [
+            CommandError::Unrecognized,
+            CommandError::Syntax,
+            CommandError::BadSender(AddressError::Syntax),
+            CommandError::BadRecipient(AddressError::TooLong),
+            CommandError::UnknownParameter,
+            CommandError::Http,
+        ] {
+            assert!(error.reply().is_permanent_failure(), "{error:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(line in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = parse(&line);
+        }
+
+        #[test]
+        fn never_panics_on_near_commands(
+            verb in "(MAIL FROM:|RCPT TO:|BDAT |EHLO |GET )",
+            rest in "[ -~]{0,300}",
+        ) {
+            let _ = parse(format!("{verb}{rest}").as_bytes());
+        }
+
+        #[test]
+        fn size_round_trips(size in any::<u64>()) {
+            let line = format!("MAIL FROM:<a@b.test> SIZE={size}");
+            match parse(line.as_bytes()) {
+                Ok(Command::Mail { params, .. }) => prop_assert_eq!(params.size_bytes, Some(size)),
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+}
