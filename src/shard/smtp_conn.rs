@@ -135,7 +135,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 let now_held = session.buffered_body_bytes();
                 shard.adjust_data_bytes(held_body_bytes, now_held);
                 held_body_bytes = now_held;
-                if session.in_body() {
+                if session.receiving_body() {
                     let (started, at_bytes) = *body_started.get_or_insert((Instant::now(), received_bytes - n as u64));
                     let elapsed = started.elapsed();
                     if elapsed > MIN_DATA_RATE_WINDOW

@@ -394,6 +394,18 @@ impl Session {
         })
     }
 
+    /// True while message bytes (DATA or a BDAT chunk) are arriving: the loop judges the
+    /// minimum data rate only then.
+    pub fn receiving_body(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Bdat(_))
+    }
+
+    /// True when no transaction is open and no input waits: a draining server may say
+    /// goodbye (421) without cutting a client off mid-transaction.
+    pub fn is_between_transactions(&self) -> bool {
+        matches!(self.phase, Phase::Command) && self.envelope.is_none() && self.consumed == self.filled
+    }
+
     /// Body bytes copied in user space so far: 0 for DATA unless the client sent body
     /// bytes in the same packet as the DATA command; every byte for BDAT (stuffing).
     pub fn body_bytes_copied(&self) -> u64 {
