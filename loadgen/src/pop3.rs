@@ -1,0 +1,434 @@
+//! `loadgen pop3`: logs in to each user of a pattern, lists and retrieves every message,
+//! optionally deletes them and checks each body against its checksum header.
+//!
+//! Response framing (status lines, multi-line responses, LIST lines) is pure and tested;
+//! the async code only moves bytes and counts.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::conn::{first_line, Conn, SessionError};
+use crate::message::{dot_unstuff, verify, Verdict};
+use crate::pattern::Pattern;
+use crate::rate::share;
+use crate::report::{Live, Stats};
+
+/// Longest status line we accept (RFC 2449 §4 allows 512 octets).
+const MAX_STATUS_LINE_BYTES: usize = 1024;
+
+/// Most messages we retrieve from one mailbox; bounds the LIST we keep in memory.
+const MAX_MESSAGES_PER_MAILBOX: usize = 1_000_000;
+
+/// Only the first few session errors are printed; all are counted.
+const MAX_PRINTED_ERRORS: u64 = 5;
+
+/// Parses the status line at the start of `input`: whether it is `+OK`, and its length.
+pub fn parse_status(input: &[u8]) -> Result<Option<(bool, usize)>, SessionError> {
+    let Some(newline) = memchr::memchr(b'\n', input) else {
+        if input.len() > MAX_STATUS_LINE_BYTES {
+            return Err(SessionError::TooLong(MAX_STATUS_LINE_BYTES));
+        }
+        return Ok(None);
+    };
+    if newline > MAX_STATUS_LINE_BYTES {
+        return Err(SessionError::TooLong(MAX_STATUS_LINE_BYTES));
+    }
+    if input.starts_with(b"+OK") {
+        Ok(Some((true, newline + 1)))
+    } else if input.starts_with(b"-ERR") {
+        Ok(Some((false, newline + 1)))
+    } else {
+        Err(SessionError::Malformed(
+            "status line starts with neither +OK nor -ERR",
+        ))
+    }
+}
+
+/// Parses a multi-line response (RFC 1939 §3): a `+OK` line, dot-stuffed lines, and a line
+/// holding only `.`. A `-ERR` response is just its status line. Returns whether it was
+/// `+OK` and the whole length; the payload lies between the status line and the final
+/// `.` CRLF (see `multiline_payload`).
+pub fn parse_multiline(input: &[u8]) -> Result<Option<(bool, usize)>, SessionError> {
+    let Some((ok, status_len)) = parse_status(input)? else {
+        return Ok(None);
+    };
+    if !ok {
+        return Ok(Some((false, status_len)));
+    }
+    let payload = &input[status_len..];
+    if payload.starts_with(b".\r\n") {
+        return Ok(Some((true, status_len + 3)));
+    }
+    Ok(memchr::memmem::find(payload, b"\r\n.\r\n").map(|at| (true, status_len + at + 5)))
+}
+
+/// The payload of a complete `+OK` multi-line response: after the status line, before
+/// the final `.` CRLF, still dot-stuffed; it ends with CRLF unless empty.
+pub fn multiline_payload(response: &[u8]) -> &[u8] {
+    let status_len = memchr::memchr(b'\n', response).map_or(response.len(), |at| at + 1);
+    &response[status_len..response.len().saturating_sub(3).max(status_len)]
+}
+
+/// Parses LIST's payload (`msg octets` per line) into message numbers and sizes.
+pub fn parse_list(payload: &[u8]) -> Result<Vec<(u64, u64)>, SessionError> {
+    let mut entries = Vec::new();
+    for line in payload.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        if entries.len() >= MAX_MESSAGES_PER_MAILBOX {
+            return Err(SessionError::TooLong(MAX_MESSAGES_PER_MAILBOX));
+        }
+        let text = std::str::from_utf8(line)
+            .map_err(|_| SessionError::Malformed("LIST line is not text"))?;
+        let mut fields = text.split_ascii_whitespace();
+        let (Some(number), Some(size)) = (fields.next(), fields.next()) else {
+            return Err(SessionError::Malformed("LIST line without number and size"));
+        };
+        let number = number
+            .parse()
+            .map_err(|_| SessionError::Malformed("LIST message number"))?;
+        let size = size
+            .parse()
+            .map_err(|_| SessionError::Malformed("LIST message size"))?;
+        entries.push((number, size));
+    }
+    Ok(entries)
+}
+
+/// What `loadgen pop3` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Pop3Plan {
+    /// Server address.
+    pub target: SocketAddr,
+    /// Users; each is retrieved once.
+    pub users: Pattern,
+    /// Password of every user.
+    pub password: String,
+    /// Concurrent connections in total.
+    pub connections: u64,
+    /// DELE each message after RETR.
+    pub delete: bool,
+    /// Check checksums.
+    pub verify: bool,
+    /// Threads.
+    pub threads: usize,
+    /// Largest message we buffer.
+    pub max_message_bytes: usize,
+}
+
+/// What one thread shares between its connections.
+struct ThreadState {
+    /// The plan.
+    plan: Pop3Plan,
+    /// Next user index, shared by all threads so each user is taken once.
+    next_user: Arc<AtomicU64>,
+    /// Counters for the summary.
+    stats: RefCell<Stats>,
+    /// Counters for the status line.
+    live: Arc<Live>,
+    /// Errors printed so far.
+    printed_errors: Cell<u64>,
+}
+
+impl ThreadState {
+    fn print_error(&self, error: &dyn std::fmt::Display) {
+        let printed = self.printed_errors.get();
+        if printed < MAX_PRINTED_ERRORS {
+            eprintln!("loadgen pop3: {error}");
+            self.printed_errors.set(printed + 1);
+        }
+    }
+}
+
+/// Runs this thread's connections until every user has been taken.
+pub async fn run_thread(
+    plan: Pop3Plan,
+    thread_index: usize,
+    live: Arc<Live>,
+    next_user: Arc<AtomicU64>,
+) -> Stats {
+    let connections = share(plan.connections, plan.threads as u64, thread_index as u64);
+    let state = Rc::new(ThreadState {
+        plan,
+        next_user,
+        stats: RefCell::new(Stats::default()),
+        live,
+        printed_errors: Cell::new(0),
+    });
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| glommio::spawn_local(connection_loop(state.clone())))
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+    let stats = state.stats.borrow().clone();
+    stats
+}
+
+/// Takes users one at a time and retrieves each mailbox on its own connection.
+async fn connection_loop(state: Rc<ThreadState>) {
+    let plan = &state.plan;
+    loop {
+        let index = state.next_user.fetch_add(1, Ordering::Relaxed);
+        if index >= plan.users.count() {
+            return;
+        }
+        let user = plan.users.nth(index);
+        let connect_start = Instant::now();
+        let frame_limit = plan.max_message_bytes + MAX_STATUS_LINE_BYTES;
+        let mut conn = match Conn::connect(plan.target, frame_limit).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                state.stats.borrow_mut().connect_errors += 1;
+                Live::add(&state.live.errors, 1);
+                state.print_error(&format_args!(
+                    "connect to {} for {user}: {error}",
+                    plan.target
+                ));
+                continue;
+            }
+        };
+        state
+            .stats
+            .borrow_mut()
+            .record("connect", connect_start.elapsed());
+        if let Err(error) = mailbox(&state, &mut conn, &user).await {
+            state.stats.borrow_mut().protocol_errors += 1;
+            Live::add(&state.live.errors, 1);
+            state.print_error(&format_args!("{user}: {error}"));
+        }
+    }
+}
+
+/// Sends `command` and reads a status line; counts the reply.
+async fn command(
+    state: &ThreadState,
+    conn: &mut Conn,
+    command: &[u8],
+) -> Result<(bool, Range<usize>), SessionError> {
+    conn.send(command).await?;
+    status(state, conn).await
+}
+
+/// Reads a status line; counts it.
+async fn status(
+    state: &ThreadState,
+    conn: &mut Conn,
+) -> Result<(bool, Range<usize>), SessionError> {
+    let mut ok = false;
+    let range = conn
+        .read_frame(|input| {
+            Ok(parse_status(input)?.map(|(is_ok, len)| {
+                ok = is_ok;
+                len
+            }))
+        })
+        .await?;
+    state.stats.borrow_mut().count_reply(u16::from(ok));
+    Ok((ok, range))
+}
+
+/// Sends `command` and reads a multi-line response; counts it.
+async fn multiline(
+    state: &ThreadState,
+    conn: &mut Conn,
+    command: &[u8],
+) -> Result<(bool, Range<usize>), SessionError> {
+    conn.send(command).await?;
+    let mut ok = false;
+    let range = conn
+        .read_frame(|input| {
+            Ok(parse_multiline(input)?.map(|(is_ok, len)| {
+                ok = is_ok;
+                len
+            }))
+        })
+        .await?;
+    state.stats.borrow_mut().count_reply(u16::from(ok));
+    Ok((ok, range))
+}
+
+/// Fails the session unless the reply was +OK.
+fn require_ok(
+    conn: &Conn,
+    step: &'static str,
+    reply: (bool, Range<usize>),
+) -> Result<(), SessionError> {
+    if reply.0 {
+        Ok(())
+    } else {
+        Err(SessionError::Unexpected {
+            step,
+            reply: first_line(&conn.bytes()[reply.1]),
+        })
+    }
+}
+
+/// One mailbox: greeting, USER/PASS, STAT, LIST, RETR (and DELE) each message, QUIT.
+async fn mailbox(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(), SessionError> {
+    let plan = &state.plan;
+    let greeting = status(state, conn).await?;
+    require_ok(conn, "greeting", greeting)?;
+    let login_start = Instant::now();
+    let reply = command(state, conn, format!("USER {user}\r\n").as_bytes()).await?;
+    let accepted = if reply.0 {
+        command(
+            state,
+            conn,
+            format!("PASS {}\r\n", plan.password).as_bytes(),
+        )
+        .await?
+        .0
+    } else {
+        false
+    };
+    if !accepted {
+        state.stats.borrow_mut().login_failures += 1;
+        Live::add(&state.live.errors, 1);
+        state.print_error(&format_args!("{user}: login refused"));
+        let _ = command(state, conn, b"QUIT\r\n").await;
+        return Ok(());
+    }
+    state
+        .stats
+        .borrow_mut()
+        .record("login", login_start.elapsed());
+    let reply = command(state, conn, b"STAT\r\n").await?;
+    require_ok(conn, "STAT", reply)?;
+    let reply = multiline(state, conn, b"LIST\r\n").await?;
+    let list_range = reply.1.clone();
+    require_ok(conn, "LIST", reply)?;
+    let entries = parse_list(multiline_payload(&conn.bytes()[list_range]))?;
+    for (number, _size) in entries {
+        let retr_start = Instant::now();
+        let reply = multiline(state, conn, format!("RETR {number}\r\n").as_bytes()).await?;
+        if !reply.0 {
+            // The message may have been deleted by another session meanwhile.
+            state.stats.borrow_mut().messages_refused += 1;
+            Live::add(&state.live.errors, 1);
+            continue;
+        }
+        let payload = multiline_payload(&conn.bytes()[reply.1]);
+        let octets = payload.len() as u64;
+        let verdict = plan.verify.then(|| verify(&dot_unstuff(payload)));
+        {
+            let mut stats = state.stats.borrow_mut();
+            stats.record("retr", retr_start.elapsed());
+            match verdict {
+                Some(Verdict::Mismatch) => stats.verify_mismatches += 1,
+                Some(Verdict::MissingHeader) => stats.verify_missing_header += 1,
+                Some(Verdict::Intact) | None => {}
+            }
+            if matches!(verdict, Some(Verdict::Mismatch | Verdict::MissingHeader)) {
+                Live::add(&state.live.errors, 1);
+                if stats.verify_mismatches + stats.verify_missing_header <= MAX_PRINTED_ERRORS {
+                    eprintln!("loadgen pop3: {user} message {number}: {verdict:?}");
+                }
+            }
+            stats.messages_ok += 1;
+            stats.bytes_ok += octets;
+        }
+        Live::add(&state.live.messages, 1);
+        Live::add(&state.live.bytes, octets);
+        if plan.delete {
+            let reply = command(state, conn, format!("DELE {number}\r\n").as_bytes()).await?;
+            require_ok(conn, "DELE", reply)?;
+        }
+    }
+    let reply = command(state, conn, b"QUIT\r\n").await?;
+    require_ok(conn, "QUIT", reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Input and the expected framing.
+    type Case = (&'static [u8], Option<(bool, usize)>);
+
+    #[test]
+    fn status_lines() {
+        let table: &[Case] = &[
+            (b"+OK ready\r\n", Some((true, 11))),
+            (b"-ERR [AUTH] no\r\n", Some((false, 16))),
+            (b"+OK\r\nmore", Some((true, 5))),
+            (b"+OK rea", None),
+            (b"", None),
+        ];
+        for (input, want) in table {
+            assert_eq!(parse_status(input).unwrap(), *want);
+        }
+        assert!(parse_status(b"* hello\r\n").is_err());
+        assert!(parse_status(&vec![b'+'; 2000]).is_err());
+    }
+
+    #[test]
+    fn multiline_responses() {
+        let table: &[Case] = &[
+            (b"+OK\r\n.\r\n", Some((true, 8))),
+            (b"+OK 2 msgs\r\n1 10\r\n2 20\r\n.\r\n+OK", Some((true, 27))),
+            (b"-ERR no\r\n", Some((false, 9))),
+            (b"+OK\r\n..\r\nx\r\n.\r\n", Some((true, 15))),
+            (b"+OK\r\na\r\n.", None),
+            (b"+OK\r\na\r\n..\r\n", None),
+        ];
+        for (input, want) in table {
+            assert_eq!(
+                parse_multiline(input).unwrap(),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert_eq!(
+            multiline_payload(b"+OK\r\n..\r\nx\r\n.\r\n"),
+            b"..\r\nx\r\n"
+        );
+        assert_eq!(multiline_payload(b"+OK\r\n.\r\n"), b"");
+    }
+
+    #[test]
+    fn list_lines() {
+        assert_eq!(
+            parse_list(b"1 100\r\n2 2000\r\n").unwrap(),
+            vec![(1, 100), (2, 2000)]
+        );
+        assert_eq!(parse_list(b"").unwrap(), vec![]);
+        assert!(parse_list(b"1\r\n").is_err());
+        assert!(parse_list(b"x 1\r\n").is_err());
+    }
+
+    #[test]
+    fn retrieved_message_verifies_after_unstuffing() {
+        let mut raw = Vec::new();
+        crate::message::build_message(&mut raw, "f@x", "t@y", "id@l", 2048, 9).unwrap();
+        let mut response = b"+OK 2048 octets\r\nReturn-Path: <f@x>\r\n".to_vec();
+        crate::message::dot_stuff_into(&raw, &mut response);
+        let (ok, len) = parse_multiline(&response).unwrap().unwrap();
+        assert!(ok);
+        assert_eq!(len, response.len());
+        assert_eq!(
+            verify(&dot_unstuff(multiline_payload(&response))),
+            Verdict::Intact
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn framing_never_panics(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, len))) = parse_multiline(&input) {
+                prop_assert!(len <= input.len());
+                let _ = multiline_payload(&input[..len]);
+            }
+            let _ = parse_list(&input);
+        }
+    }
+}
