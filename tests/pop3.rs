@@ -1,0 +1,173 @@
+//! POP3 on the real binary: retrieval byte-exact, TOP, UIDL stability, IN-USE, UPDATE
+//! semantics and durability (issue 6).
+
+mod common;
+
+use common::{mail_config, pop3_retrieve_all, send_mail, LineClient, Server};
+use std::process::Command;
+use std::time::Duration;
+
+fn login(addr: std::net::SocketAddr, user: &str) -> LineClient {
+    let mut c = LineClient::connect(addr);
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.command(&format!("USER {user}")).starts_with("+OK"));
+    let r = c.command("PASS pw");
+    assert!(r.starts_with("+OK"), "{r}");
+    c
+}
+
+fn uidls(c: &mut LineClient) -> Vec<String> {
+    assert!(c.command("UIDL").starts_with("+OK"));
+    String::from_utf8(c.pop3_multiline())
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn retr_top_list_and_uidl_agree_with_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
+    let bodies: Vec<Vec<u8>> = vec![
+        b"Subject: one\r\n\r\n..dot line\r\nsecond\r\nthird\r\n".to_vec(),
+        "Subject: =?UTF-8?Q?two?=\r\n\r\nunicode \u{e9}\u{1f600}\r\n\xff raw".as_bytes().iter().copied().chain(b"\r\n".iter().copied()).collect(),
+    ];
+    for body in &bodies {
+        let reply = send_mail(server.addr("smtp"), "s@remote.test", &["alice@example.test"], body);
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    let mut c = login(server.addr("pop3"), "alice@example.test");
+    let capa = {
+        assert!(c.command("CAPA").starts_with("+OK"));
+        String::from_utf8(c.pop3_multiline()).unwrap()
+    };
+    for cap in ["TOP", "UIDL", "USER", "SASL PLAIN", "RESP-CODES", "PIPELINING"] {
+        assert!(capa.contains(cap), "{cap} missing: {capa}");
+    }
+    let stat = c.command("STAT");
+    assert!(stat.starts_with("+OK 2 "), "{stat}");
+    assert!(c.command("LIST").starts_with("+OK"));
+    let list = String::from_utf8(c.pop3_multiline()).unwrap();
+    let sizes: Vec<usize> = list
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    for (n, body) in bodies.iter().enumerate() {
+        assert!(c.command(&format!("RETR {}", n + 1)).starts_with("+OK"));
+        let got = c.pop3_multiline();
+        assert!(got.ends_with(body), "{}", String::from_utf8_lossy(&got));
+        assert_eq!(got.len(), sizes[n], "LIST size must be what RETR sends");
+    }
+    assert!(c.command("TOP 1 1").starts_with("+OK"));
+    let top = c.pop3_multiline();
+    assert!(top.ends_with(b"Subject: one\r\n\r\n..dot line\r\n"), "{}", String::from_utf8_lossy(&top));
+    assert_eq!(uidls(&mut c).len(), 2);
+    assert!(c.command("RETR 3").starts_with("-ERR"));
+    assert!(c.command("QUIT").starts_with("+OK"));
+}
+
+#[test]
+fn a_twenty_megabyte_message_is_retrieved_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", ""));
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    while body.len() < 20 << 20 {
+        body.extend_from_slice(line);
+    }
+    let reply = send_mail(server.addr("smtp"), "s@remote.test", &["bob@example.test"], &body);
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = pop3_retrieve_all(server.addr("pop3"), "bob@example.test");
+    assert!(got[0].ends_with(&body));
+}
+
+#[test]
+fn uidls_survive_a_restart_and_deletes_apply_only_at_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = mail_config(dir.path(), 2, "", "");
+    let mut server = Server::start(dir.path(), &config);
+    for i in 0..3 {
+        send_mail(server.addr("smtp"), "s@remote.test", &["carol@example.test"], format!("Subject: {i}\r\n\r\n{i}\r\n").as_bytes());
+    }
+    let before = {
+        let mut c = login(server.addr("pop3"), "carol@example.test");
+        let u = uidls(&mut c);
+        // DELE, then drop the connection: nothing is deleted.
+        assert!(c.command("DELE 1").starts_with("+OK"));
+        drop(c);
+        u
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(15)).code(), Some(0));
+    drop(server);
+
+    let mut server = Server::start(dir.path(), &config);
+    let mut c = login(server.addr("pop3"), "carol@example.test");
+    assert_eq!(uidls(&mut c), before, "UIDLs changed across a restart (or a dropped DELE applied)");
+    assert!(c.command("DELE 2").starts_with("+OK"));
+    assert!(c.command("RETR 2").starts_with("-ERR"));
+    assert!(c.command("RSET").starts_with("+OK"));
+    assert!(c.command("DELE 2").starts_with("+OK"));
+    assert!(c.command("QUIT").starts_with("+OK"));
+    server.kill9();
+    drop(server);
+
+    let server = Server::start(dir.path(), &config);
+    let mut c = login(server.addr("pop3"), "carol@example.test");
+    let after = uidls(&mut c);
+    assert_eq!(after, vec![before[0].clone(), before[2].clone()], "a deleted message came back after kill -9");
+}
+
+#[test]
+fn a_mailbox_in_use_is_refused_on_any_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
+    let first = login(server.addr("pop3"), "alice@example.test");
+    // Several tries so that the second session lands on both shards at least once.
+    for _ in 0..6 {
+        let mut c = LineClient::connect(server.addr("pop3"));
+        assert!(c.line().starts_with("+OK"));
+        c.command("USER alice@example.test");
+        let r = c.command("PASS pw");
+        assert!(r.starts_with("-ERR [IN-USE]"), "{r}");
+    }
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = login(server.addr("pop3"), "alice@example.test");
+    assert!(again.command("QUIT").starts_with("+OK"));
+}
+
+#[test]
+fn a_wrong_password_is_refused_after_a_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", ""));
+    let mut c = LineClient::connect(server.addr("pop3"));
+    c.line();
+    c.command("USER alice@example.test");
+    let started = std::time::Instant::now();
+    let r = c.command("PASS wrong");
+    assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    assert!(started.elapsed() >= Duration::from_millis(100));
+}
+
+#[test]
+fn curl_retrieves_over_pop3() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("skipped: curl missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
+    send_mail(server.addr("smtp"), "s@remote.test", &["bob@example.test"], b"Subject: curl\r\n\r\nfetched by curl\r\n");
+    let out = Command::new("curl")
+        .args(["-s", "--user", "bob@example.test:pw"])
+        .arg(format!("pop3://{}/1", server.addr("pop3")))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("fetched by curl"), "{text}");
+    assert!(text.starts_with("Return-Path: <s@remote.test>"), "{text}");
+}
