@@ -11,6 +11,7 @@
 //! - [`shard`]: one pinned executor per core; the only place with sockets and timers: connection loops, the mesh, ingest, recovery.
 //! - [`host`]: what the host grants (locked memory, open files) and what that costs.
 //! - [`limits`]: connection admission across shards.
+//! - [`store`]: the shard-local log: records and segments, group commit, recovery, space reclaim.
 //! - [`envelope`]: what the log says about mail: the message record (envelope, `Received:`, body) and recipient outcome records.
 //! - [`mailbox`]: mailbox indexes on their owner shards, and the maildrop lock.
 //! - [`smtp`]: sans-IO SMTP server core: command parser, data scanner, replies, session state machine, `Received:`.
@@ -32,4 +33,5 @@ pub mod routing;
 pub mod server;
 pub mod shard;
 pub mod smtp;
+pub mod store;
 pub mod throttle;

@@ -31,7 +31,11 @@ fn retr_top_list_and_uidl_agree_with_what_was_sent() {
     let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
     let bodies: Vec<Vec<u8>> = vec![
         b"Subject: one\r\n\r\n..dot line\r\nsecond\r\nthird\r\n".to_vec(),
-        "Subject: =?UTF-8?Q?two?=\r\n\r\nunicode \u{e9}\u{1f600}\r\n\xff raw".as_bytes().iter().copied().chain(b"\r\n".iter().copied()).collect(),
+        [
+            "Subject: =?UTF-8?Q?two?=\r\n\r\nunicode \u{e9}\u{1f600}\r\n".as_bytes(),
+            b"\xff\x80 raw 8-bit\r\n",
+        ]
+        .concat(),
     ];
     for body in &bodies {
         let reply = send_mail(server.addr("smtp"), "s@remote.test", &["alice@example.test"], body);

@@ -12,7 +12,7 @@ pub enum ReadOutcome {
     /// The peer closed its side.
     Closed,
     TimedOut,
-    Failed(io::Error),
+    Failed(#[allow(dead_code)] io::Error),
 }
 
 /// Reads what is available into `buf`, waiting at most `timeout`.

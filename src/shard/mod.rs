@@ -125,10 +125,6 @@ impl Shard {
         let _ = self.stopping.acquire(1).await;
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.is_closed()
-    }
-
     pub fn next_session_serial(&self) -> u64 {
         let serial = self.next_session.get();
         self.next_session.set(serial + 1);

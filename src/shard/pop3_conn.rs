@@ -171,6 +171,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 drop(maildrop.take());
                 session.commit_done(ok);
             }
+            // STLS is only offered with [tls], which this build refuses at configuration.
+            Action::StartTls => break,
             Action::Close => {
                 let n = session.output().len();
                 if n > 0 {

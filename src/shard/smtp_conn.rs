@@ -94,13 +94,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 while held_body_bytes == 0 && shard.data_bytes_over_cap() {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
+                let between_transactions = session.is_between_transactions();
                 let read = future::or(
                     async { Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await) },
                     async {
                         // Between transactions, a stopping shard says goodbye; inside one,
                         // the transaction may finish within the grace period.
                         shard.stopped().await;
-                        if session.is_between_transactions() {
+                        if between_transactions {
                             None
                         } else {
                             future::pending().await
