@@ -96,6 +96,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         match session.poll_action() {
             Action::Idle => {
+                // Long replies are produced as output drains: flush before anything else.
+                if !session.output().is_empty() {
+                    continue;
+                }
                 if !session.wants_input() {
                     break;
                 }

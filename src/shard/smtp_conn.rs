@@ -85,6 +85,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Action::Close => break "closed",
             Action::Idle => {
+                // Long replies are produced as output drains: flush before anything else.
+                if !session.output().is_empty() {
+                    continue;
+                }
                 if !session.wants_input() {
                     // Output is flushed above; a session that still wants nothing is done.
                     break "stalled";
