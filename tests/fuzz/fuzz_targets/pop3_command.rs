@@ -42,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let entries: Vec<MessageEntry> = (0..5u64)
         .map(|i| MessageEntry {
-            key: MessageKey { shard: 0, record: i, recipient: 0 },
+            key: MessageKey {
+                shard: 0,
+                record: i,
+                recipient: 0,
+            },
             size_octets: 100 + i,
             uidl: format!("uid{i}"),
         })
