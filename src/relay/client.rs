@@ -639,6 +639,10 @@ impl SmtpClient {
 
     fn on_reply(&mut self, reply: Reply) {
         let Some(expect) = self.expected.pop_front() else {
+            if reply.code == 421 {
+                // An idle connection closed by the server (its timeout, its shutdown).
+                return self.fail(reply);
+            }
             // A reply nobody asked for: the server is out of step with us.
             return self.fail(Reply::local(421, "4.5.0 unexpected reply from server"));
         };
@@ -1254,6 +1258,24 @@ mod tests {
         );
         // Nothing after the close is acted on.
         assert_eq!(script.server("250 ok\r\n"), vec![]);
+    }
+
+    #[test]
+    fn replies_while_idle_end_the_session() {
+        let mut script = Script::open(&["PIPELINING"]);
+        let idle = reply(421, "4.4.2 idle too long");
+        assert_eq!(
+            script.server("421 4.4.2 idle too long\r\n"),
+            vec![ClientAction::Failed(idle), ClientAction::Close]
+        );
+        let mut script = Script::open(&["PIPELINING"]);
+        assert_eq!(
+            script.server("250 surprise\r\n"),
+            vec![
+                ClientAction::Failed(reply(421, "4.5.0 unexpected reply from server")),
+                ClientAction::Close
+            ]
+        );
     }
 
     #[test]
