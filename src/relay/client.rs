@@ -7,7 +7,9 @@
 //! ([`SmtpClient::send_message`]), then drains [`SmtpClient::poll_action`] and does what
 //! it says. The message body never passes through here: on [`ClientAction::SendBody`] the
 //! loop writes the stored bytes straight from the memory map (see [`body_pieces`]), then
-//! [`data_terminator`].
+//! [`data_terminator`]. A message stored in several pieces (the `Received:` piece, then the
+//! client's bytes) is written piece by piece, each through [`body_pieces`]: every piece ends
+//! a line, so no line spans two pieces, and the terminator follows the last piece.
 //!
 //! Outcomes are per recipient: a 5xx to one RCPT bounces that recipient only; a 4xx, a 421,
 //! a timeout or a dropped connection defers everyone not yet decided, so that the queue
