@@ -836,7 +836,7 @@ pub fn needs_folding(body: &[u8]) -> bool {
 }
 
 /// The slices to write for a stored body: the body itself when no line is too long
-/// (zero copies), else the body cut before each 999th octet of a line with [`FOLD`]
+/// (zero copies), else the body cut before each 999th octet of a line with CRLF SPACE
 /// between the cuts, still without copying the body.
 pub fn body_pieces(body: &[u8]) -> BodyPieces<'_> {
     BodyPieces {
