@@ -7,7 +7,9 @@
 //! ([`SmtpClient::send_message`]), then drains [`SmtpClient::poll_action`] and does what
 //! it says. The message body never passes through here: on [`ClientAction::SendBody`] the
 //! loop writes the stored bytes straight from the memory map (see [`body_pieces`]), then
-//! [`data_terminator`].
+//! [`data_terminator`]. A message stored in several pieces (the `Received:` piece, then the
+//! client's bytes) is written piece by piece, each through [`body_pieces`]: every piece ends
+//! a line, so no line spans two pieces, and the terminator follows the last piece.
 //!
 //! Outcomes are per recipient: a 5xx to one RCPT bounces that recipient only; a 4xx, a 421,
 //! a timeout or a dropped connection defers everyone not yet decided, so that the queue
@@ -639,6 +641,10 @@ impl SmtpClient {
 
     fn on_reply(&mut self, reply: Reply) {
         let Some(expect) = self.expected.pop_front() else {
+            if reply.code == 421 {
+                // An idle connection closed by the server (its timeout, its shutdown).
+                return self.fail(reply);
+            }
             // A reply nobody asked for: the server is out of step with us.
             return self.fail(Reply::local(421, "4.5.0 unexpected reply from server"));
         };
@@ -830,7 +836,7 @@ pub fn needs_folding(body: &[u8]) -> bool {
 }
 
 /// The slices to write for a stored body: the body itself when no line is too long
-/// (zero copies), else the body cut before each 999th octet of a line with [`FOLD`]
+/// (zero copies), else the body cut before each 999th octet of a line with CRLF SPACE
 /// between the cuts, still without copying the body.
 pub fn body_pieces(body: &[u8]) -> BodyPieces<'_> {
     BodyPieces {
@@ -1254,6 +1260,24 @@ mod tests {
         );
         // Nothing after the close is acted on.
         assert_eq!(script.server("250 ok\r\n"), vec![]);
+    }
+
+    #[test]
+    fn replies_while_idle_end_the_session() {
+        let mut script = Script::open(&["PIPELINING"]);
+        let idle = reply(421, "4.4.2 idle too long");
+        assert_eq!(
+            script.server("421 4.4.2 idle too long\r\n"),
+            vec![ClientAction::Failed(idle), ClientAction::Close]
+        );
+        let mut script = Script::open(&["PIPELINING"]);
+        assert_eq!(
+            script.server("250 surprise\r\n"),
+            vec![
+                ClientAction::Failed(reply(421, "4.5.0 unexpected reply from server")),
+                ClientAction::Close
+            ]
+        );
     }
 
     #[test]

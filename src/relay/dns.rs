@@ -1234,6 +1234,32 @@ mod tests {
     }
 
     #[test]
+    fn resolver_tries_the_next_nameserver_after_servfail() {
+        run_local(async {
+            let mut failing = Zone::default();
+            failing.servfail("example.test");
+            let failing = fake_dns::spawn(failing);
+            let good = fake_dns::spawn(zone());
+            let resolver = Resolver::new(fast_config(vec![failing.addr, good.addr]));
+            assert_eq!(
+                resolver.resolve_mx("example.test").await.map(|_| ()),
+                Ok(())
+            );
+            assert_eq!(failing.udp_queries.get(), 1);
+            assert_eq!(good.udp_queries.get(), 1);
+            // SERVFAIL is not cached: the next lookup asks again (and fails over again).
+            let broken = Resolver::new(fast_config(vec![failing.addr]));
+            for _ in 0..2 {
+                assert!(matches!(
+                    broken.resolve_mx("example.test").await,
+                    Err(DnsError::ServerFailure(_))
+                ));
+            }
+            assert_eq!(broken.queries_sent(), 2 * DEFAULT_QUERY_ROUNDS as u64);
+        });
+    }
+
+    #[test]
     fn resolver_moves_on_from_a_silent_nameserver_and_times_out() {
         run_local(async {
             let silent = glommio::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -71,7 +71,7 @@ pub struct NextHopPolicy {
     pub own_addresses: Vec<IpAddr>,
 }
 
-/// Parse `relay.smarthost`: "" is none; "host:port", "1.2.3.4:port" or "[v6]:port".
+/// Parse `relay.smarthost`: "" is none; "host:port", "1.2.3.4:port" or `[v6]:port`.
 pub fn parse_smarthost(setting: &str) -> Result<Option<Hop>, String> {
     if setting.is_empty() {
         return Ok(None);

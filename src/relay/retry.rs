@@ -12,6 +12,8 @@
 
 use std::time::Duration;
 
+use super::client::Reply;
+
 /// The shortest step we honour. A zero, negative or NaN step from a bad configuration would
 /// otherwise make a recipient retry in a busy loop.
 pub const MIN_RETRY_STEP_SECS: f64 = 0.001;
@@ -75,6 +77,15 @@ impl RetryPolicy {
         let last = secs_to_duration(last.max(MIN_RETRY_STEP_SECS));
         total.saturating_add(last.checked_mul(repeats).unwrap_or(Duration::MAX))
     }
+}
+
+/// The reply a recipient bounces with when [`NextAttempt::Expired`]: 5.4.7 "delivery time
+/// expired" (RFC 3463 §3.5), quoting the last attempt's reply so the sender sees why.
+pub fn expiry_reply(last_attempt: &Reply) -> Reply {
+    Reply::local(
+        554,
+        format!("5.4.7 delivery time expired; last attempt: {last_attempt}"),
+    )
 }
 
 /// Seconds from the configuration to a [`Duration`], saturating instead of panicking on
@@ -153,6 +164,17 @@ mod tests {
                 "schedule {schedule:?} lifetime {lifetime} first {first} failed {failed}"
             );
         }
+    }
+
+    #[test]
+    fn expiry_reply_quotes_the_last_attempt() {
+        let last = Reply::local(451, "4.3.0 mailbox busy");
+        let reply = expiry_reply(&last);
+        assert_eq!(
+            reply.to_string(),
+            "554 5.4.7 delivery time expired; last attempt: 451 4.3.0 mailbox busy"
+        );
+        assert_eq!(reply.enhanced_status(), Some("5.4.7"));
     }
 
     #[test]
