@@ -1099,11 +1099,7 @@ mod tests {
     fn submission_off_loopback_needs_tls() {
         let found = problems("[smtp]\nsubmission_listen = [\"0.0.0.0:587\"]\n");
         assert_eq!(found[0].key, "smtp.submission_listen");
-        Config::parse(
-            "t.toml",
-            "[smtp]\nsubmission_listen = [\"127.0.0.1:587\"]\n",
-        )
-        .unwrap();
+        assert!(found[0].message.contains("in the clear"), "{found:?}");
     }
 
     #[test]

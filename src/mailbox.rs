@@ -150,8 +150,14 @@ mod tests {
         }
     }
 
-    const A: SessionId = SessionId { shard: 0, serial: 1 };
-    const B: SessionId = SessionId { shard: 1, serial: 1 };
+    const A: SessionId = SessionId {
+        shard: 0,
+        serial: 1,
+    };
+    const B: SessionId = SessionId {
+        shard: 1,
+        serial: 1,
+    };
 
     #[test]
     fn lists_in_arrival_order_with_stable_uidls() {

@@ -12,9 +12,9 @@ use std::sync::{mpsc, Arc};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::auth::UserDirectory;
 use crate::config::Config;
 use crate::host::{self, HostError};
-use crate::auth::UserDirectory;
 use crate::limits::ConnectionLimits;
 use crate::routing::Directory;
 use crate::shard::{self, ShardContext, ShardEvent};

@@ -91,13 +91,19 @@ fn replay(file: &Path) {
             client.send(&unescape(text));
         } else if let Some(prefix) = line.strip_prefix("S: ") {
             let got = client.line();
-            assert!(got.starts_with(prefix), "{at}: expected {prefix:?}, got {got:?}");
+            assert!(
+                got.starts_with(prefix),
+                "{at}: expected {prefix:?}, got {got:?}"
+            );
         } else if let Some(pattern) = line.strip_prefix("S~ ") {
             let got = client.line();
             let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
             assert!(re.is_match(&got), "{at}: expected /{pattern}/, got {got:?}");
         } else if line == "CLOSED" {
-            assert!(client.closed(), "{at}: the server did not close the connection");
+            assert!(
+                client.closed(),
+                "{at}: the server did not close the connection"
+            );
         } else if let Some(count) = line.strip_prefix("STORED: ") {
             // One stored message may sit in several mailboxes: count distinct queue ids.
             let n: usize = count.trim().parse().unwrap();
@@ -105,7 +111,12 @@ fn replay(file: &Path) {
                 .iter()
                 .map(|m| {
                     let text = String::from_utf8_lossy(m);
-                    let id = text.split(" id ").nth(1).unwrap_or("").split([';', '\r']).next();
+                    let id = text
+                        .split(" id ")
+                        .nth(1)
+                        .unwrap_or("")
+                        .split([';', '\r'])
+                        .next();
                     id.unwrap_or("").to_string()
                 })
                 .collect();

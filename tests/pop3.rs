@@ -38,7 +38,12 @@ fn retr_top_list_and_uidl_agree_with_what_was_sent() {
         .concat(),
     ];
     for body in &bodies {
-        let reply = send_mail(server.addr("smtp"), "s@remote.test", &["alice@example.test"], body);
+        let reply = send_mail(
+            server.addr("smtp"),
+            "s@remote.test",
+            &["alice@example.test"],
+            body,
+        );
         assert!(reply.starts_with("250"), "{reply}");
     }
     let mut c = login(server.addr("pop3"), "alice@example.test");
@@ -46,7 +51,14 @@ fn retr_top_list_and_uidl_agree_with_what_was_sent() {
         assert!(c.command("CAPA").starts_with("+OK"));
         String::from_utf8(c.pop3_multiline()).unwrap()
     };
-    for cap in ["TOP", "UIDL", "USER", "SASL PLAIN", "RESP-CODES", "PIPELINING"] {
+    for cap in [
+        "TOP",
+        "UIDL",
+        "USER",
+        "SASL PLAIN",
+        "RESP-CODES",
+        "PIPELINING",
+    ] {
         assert!(capa.contains(cap), "{cap} missing: {capa}");
     }
     let stat = c.command("STAT");
@@ -65,7 +77,11 @@ fn retr_top_list_and_uidl_agree_with_what_was_sent() {
     }
     assert!(c.command("TOP 1 1").starts_with("+OK"));
     let top = c.pop3_multiline();
-    assert!(top.ends_with(b"Subject: one\r\n\r\n..dot line\r\n"), "{}", String::from_utf8_lossy(&top));
+    assert!(
+        top.ends_with(b"Subject: one\r\n\r\n..dot line\r\n"),
+        "{}",
+        String::from_utf8_lossy(&top)
+    );
     assert_eq!(uidls(&mut c).len(), 2);
     assert!(c.command("RETR 3").starts_with("-ERR"));
     assert!(c.command("QUIT").starts_with("+OK"));
@@ -80,7 +96,12 @@ fn a_twenty_megabyte_message_is_retrieved_byte_exact() {
     while body.len() < 20 << 20 {
         body.extend_from_slice(line);
     }
-    let reply = send_mail(server.addr("smtp"), "s@remote.test", &["bob@example.test"], &body);
+    let reply = send_mail(
+        server.addr("smtp"),
+        "s@remote.test",
+        &["bob@example.test"],
+        &body,
+    );
     assert!(reply.starts_with("250"), "{reply}");
     let got = pop3_retrieve_all(server.addr("pop3"), "bob@example.test");
     assert!(got[0].ends_with(&body));
@@ -92,7 +113,12 @@ fn uidls_survive_a_restart_and_deletes_apply_only_at_quit() {
     let config = mail_config(dir.path(), 2, "", "");
     let mut server = Server::start(dir.path(), &config);
     for i in 0..3 {
-        send_mail(server.addr("smtp"), "s@remote.test", &["carol@example.test"], format!("Subject: {i}\r\n\r\n{i}\r\n").as_bytes());
+        send_mail(
+            server.addr("smtp"),
+            "s@remote.test",
+            &["carol@example.test"],
+            format!("Subject: {i}\r\n\r\n{i}\r\n").as_bytes(),
+        );
     }
     let before = {
         let mut c = login(server.addr("pop3"), "carol@example.test");
@@ -109,7 +135,11 @@ fn uidls_survive_a_restart_and_deletes_apply_only_at_quit() {
 
     let mut server = Server::start(dir.path(), &config);
     let mut c = login(server.addr("pop3"), "carol@example.test");
-    assert_eq!(uidls(&mut c), before, "UIDLs changed across a restart (or a dropped DELE applied)");
+    assert_eq!(
+        uidls(&mut c),
+        before,
+        "UIDLs changed across a restart (or a dropped DELE applied)"
+    );
     assert!(c.command("DELE 2").starts_with("+OK"));
     assert!(c.command("RETR 2").starts_with("-ERR"));
     assert!(c.command("RSET").starts_with("+OK"));
@@ -121,7 +151,11 @@ fn uidls_survive_a_restart_and_deletes_apply_only_at_quit() {
     let server = Server::start(dir.path(), &config);
     let mut c = login(server.addr("pop3"), "carol@example.test");
     let after = uidls(&mut c);
-    assert_eq!(after, vec![before[0].clone(), before[2].clone()], "a deleted message came back after kill -9");
+    assert_eq!(
+        after,
+        vec![before[0].clone(), before[2].clone()],
+        "a deleted message came back after kill -9"
+    );
 }
 
 #[test]
@@ -164,7 +198,12 @@ fn curl_retrieves_over_pop3() {
     }
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
-    send_mail(server.addr("smtp"), "s@remote.test", &["bob@example.test"], b"Subject: curl\r\n\r\nfetched by curl\r\n");
+    send_mail(
+        server.addr("smtp"),
+        "s@remote.test",
+        &["bob@example.test"],
+        b"Subject: curl\r\n\r\nfetched by curl\r\n",
+    );
     let out = Command::new("curl")
         .args(["-s", "--user", "bob@example.test:pw"])
         .arg(format!("pop3://{}/1", server.addr("pop3")))

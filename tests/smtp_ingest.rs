@@ -16,13 +16,25 @@ fn queue_id(reply: &str) -> String {
 fn a_message_is_stored_with_received_and_retrieved_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
-    let body = b"Subject: dots\r\n\r\n..leading dot\r\n8-bit: \xe9\xe8 NUL:\x00 end\r\n\r\nlast\r\n";
-    let reply = send_mail(server.addr("smtp"), "sender@remote.test", &["Alice@Example.Test"], body);
+    let body =
+        b"Subject: dots\r\n\r\n..leading dot\r\n8-bit: \xe9\xe8 NUL:\x00 end\r\n\r\nlast\r\n";
+    let reply = send_mail(
+        server.addr("smtp"),
+        "sender@remote.test",
+        &["Alice@Example.Test"],
+        body,
+    );
     let id = queue_id(&reply);
     let got = pop3_retrieve_all(server.addr("pop3"), "alice@example.test");
     assert_eq!(got.len(), 1);
     let text = &got[0];
-    assert!(text.starts_with(b"Return-Path: <sender@remote.test>\r\nReceived: from client.test ([127.0.0.1])\r\n"), "{}", String::from_utf8_lossy(text));
+    assert!(
+        text.starts_with(
+            b"Return-Path: <sender@remote.test>\r\nReceived: from client.test ([127.0.0.1])\r\n"
+        ),
+        "{}",
+        String::from_utf8_lossy(text)
+    );
     let received_end = text.windows(2).position(|w| w == b"\r\n").unwrap();
     let head = String::from_utf8_lossy(&text[..text.len() - body.len()]).to_string();
     assert!(head.contains(&format!("id {id}")), "{head}");
@@ -58,8 +70,16 @@ print("ok")
         smtp = server.addr("smtp").port(),
         pop3 = server.addr("pop3").port()
     );
-    let out = Command::new("python3").arg("-c").arg(script).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
 
@@ -72,8 +92,19 @@ fn swaks_delivers_when_installed() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", ""));
     let out = Command::new("swaks")
-        .args(["--server", &server.addr("smtp").to_string(), "--to", "carol@example.test"])
-        .args(["--from", "s@remote.test", "--pipeline", "--body", "hello from swaks"])
+        .args([
+            "--server",
+            &server.addr("smtp").to_string(),
+            "--to",
+            "carol@example.test",
+        ])
+        .args([
+            "--from",
+            "s@remote.test",
+            "--pipeline",
+            "--body",
+            "hello from swaks",
+        ])
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stdout);
@@ -98,17 +129,38 @@ fn refusals_carry_their_codes() {
     let mut c = LineClient::connect(server.addr("smtp"));
     assert!(c.reply().starts_with("220 mx.ringmail.test ESMTP ringmail"));
     let ehlo = c.command("EHLO me.test");
-    for ext in ["PIPELINING", "SIZE 2000", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8"] {
+    for ext in [
+        "PIPELINING",
+        "SIZE 2000",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "SMTPUTF8",
+    ] {
         assert!(ehlo.contains(ext), "{ext} missing: {ehlo}");
     }
-    assert!(c.command("RCPT TO:<alice@example.test>").starts_with("503 5.5.1"));
-    assert!(c.command("MAIL FROM:<s@remote.test> SIZE=5000").starts_with("552 5.3.4"));
+    assert!(c
+        .command("RCPT TO:<alice@example.test>")
+        .starts_with("503 5.5.1"));
+    assert!(c
+        .command("MAIL FROM:<s@remote.test> SIZE=5000")
+        .starts_with("552 5.3.4"));
     assert!(c.command("MAIL FROM:<s@remote.test>").starts_with("250"));
-    assert!(c.command("RCPT TO:<nobody@example.test>").starts_with("550 5.1.1"));
-    assert!(c.command("RCPT TO:<x@elsewhere.test>").starts_with("554 5.7.1"));
-    assert!(c.command("RCPT TO:<alice@example.test>").starts_with("250 2.1.5"));
-    assert!(c.command("RCPT TO:<bob@example.test>").starts_with("250 2.1.5"));
-    assert!(c.command("RCPT TO:<carol@example.test>").starts_with("452 4.5.3"));
+    assert!(c
+        .command("RCPT TO:<nobody@example.test>")
+        .starts_with("550 5.1.1"));
+    assert!(c
+        .command("RCPT TO:<x@elsewhere.test>")
+        .starts_with("554 5.7.1"));
+    assert!(c
+        .command("RCPT TO:<alice@example.test>")
+        .starts_with("250 2.1.5"));
+    assert!(c
+        .command("RCPT TO:<bob@example.test>")
+        .starts_with("250 2.1.5"));
+    assert!(c
+        .command("RCPT TO:<carol@example.test>")
+        .starts_with("452 4.5.3"));
     assert!(c.command("DATA").starts_with("354"));
     c.send(&vec![b'x'; 3000]);
     c.send(b"\r\n.\r\n");
@@ -172,13 +224,19 @@ fn queue_ids_are_unique_across_shards_and_restarts() {
                 &["alice@example.test"],
                 format!("Subject: {i}\r\n\r\nx\r\n").as_bytes(),
             );
-            assert!(ids.insert(queue_id(&reply)), "duplicate queue id in {reply}");
+            assert!(
+                ids.insert(queue_id(&reply)),
+                "duplicate queue id in {reply}"
+            );
         }
         server.signal(libc::SIGTERM);
         assert_eq!(server.wait(Duration::from_secs(15)).code(), Some(0));
     }
     let server = Server::start(dir.path(), &config);
-    assert_eq!(pop3_retrieve_all(server.addr("pop3"), "alice@example.test").len(), 40);
+    assert_eq!(
+        pop3_retrieve_all(server.addr("pop3"), "alice@example.test").len(),
+        40
+    );
 }
 
 #[test]
@@ -222,7 +280,11 @@ fn kill_9_loses_no_acknowledged_message() {
     for client in 0..8 {
         let acknowledged = Arc::clone(&acknowledged);
         clients.push(std::thread::spawn(move || {
-            let users = ["alice@example.test", "bob@example.test", "carol@example.test"];
+            let users = [
+                "alice@example.test",
+                "bob@example.test",
+                "carol@example.test",
+            ];
             for n in 0.. {
                 let user = users[(client + n) % 3];
                 let body = format!(
@@ -230,9 +292,12 @@ fn kill_9_loses_no_acknowledged_message() {
                     format!("line {n} of client {client} ").repeat(40 + n % 200)
                 )
                 .into_bytes();
-                let Ok(stream) = std::net::TcpStream::connect(smtp) else { return };
+                let Ok(stream) = std::net::TcpStream::connect(smtp) else {
+                    return;
+                };
                 drop(stream);
-                let result = std::panic::catch_unwind(|| send_mail(smtp, "s@remote.test", &[user], &body));
+                let result =
+                    std::panic::catch_unwind(|| send_mail(smtp, "s@remote.test", &[user], &body));
                 match result {
                     Ok(reply) if reply.starts_with("250 ") => {
                         acknowledged.lock().unwrap().push((user.to_string(), body));
@@ -249,9 +314,16 @@ fn kill_9_loses_no_acknowledged_message() {
         let _ = c.join();
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
-    assert!(!acknowledged.is_empty(), "no message was acknowledged before the kill");
+    assert!(
+        !acknowledged.is_empty(),
+        "no message was acknowledged before the kill"
+    );
     let server = Server::start(dir.path(), &config);
-    for user in ["alice@example.test", "bob@example.test", "carol@example.test"] {
+    for user in [
+        "alice@example.test",
+        "bob@example.test",
+        "carol@example.test",
+    ] {
         let stored = pop3_retrieve_all(server.addr("pop3"), user);
         for (_, body) in acknowledged.iter().filter(|(u, _)| u == user) {
             assert!(
@@ -260,5 +332,8 @@ fn kill_9_loses_no_acknowledged_message() {
             );
         }
     }
-    eprintln!("{} acknowledged messages all present after kill -9 at {wait_ms} ms", acknowledged.len());
+    eprintln!(
+        "{} acknowledged messages all present after kill -9 at {wait_ms} ms",
+        acknowledged.len()
+    );
 }

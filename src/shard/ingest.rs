@@ -62,12 +62,7 @@ pub async fn store_transaction(
         helo: &transaction.helo,
         peer_ip: transaction.peer.ip(),
         hostname: &config.hostname,
-        protocol: received::Protocol::new(
-            transaction.esmtp,
-            false,
-            false,
-            transaction.smtputf8,
-        ),
+        protocol: received::Protocol::new(transaction.esmtp, false, false, transaction.smtputf8),
         queue_id: &queue_id,
         recipient: (transaction.recipients.len() == 1)
             .then(|| transaction.recipients[0].address.as_str()),
@@ -101,7 +96,11 @@ pub async fn store_transaction(
     pieces.push(received);
     pieces.extend(transaction.body);
 
-    if let Err(e) = shard.store.append(id, envelope::kind::MESSAGE, pieces).await {
+    if let Err(e) = shard
+        .store
+        .append(id, envelope::kind::MESSAGE, pieces)
+        .await
+    {
         tracing::error!(shard = shard.id, queue_id, "message not stored: {e}");
         return Err(match e {
             StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {

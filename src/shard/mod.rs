@@ -53,10 +53,17 @@ pub struct ShardContext {
 #[derive(Debug)]
 pub enum ShardEvent {
     /// The log is recovered and every index entry delivered to its owner.
-    Recovered { shard: usize },
+    Recovered {
+        shard: usize,
+    },
     /// Listeners bound; serving.
-    Ready { shard: usize },
-    Failed { shard: usize, message: String },
+    Ready {
+        shard: usize,
+    },
+    Failed {
+        shard: usize,
+        message: String,
+    },
     Signal(&'static str),
 }
 

@@ -43,7 +43,10 @@ impl Drop for HeldMaildrop {
         if owner == self.shard.id {
             super::inbox::handle(&self.shard, message);
         } else if !self.shard.mesh.try_send(owner, message) {
-            tracing::error!(shard = self.shard.id, "could not release a maildrop lock: owner inbox full");
+            tracing::error!(
+                shard = self.shard.id,
+                "could not release a maildrop lock: owner inbox full"
+            );
         }
     }
 }
@@ -104,7 +107,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     break;
                 }
                 let read = future::or(
-                    async { Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await) },
+                    async {
+                        Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await)
+                    },
                     async {
                         shard.stopped().await;
                         None
@@ -243,7 +248,10 @@ async fn fetch_record(shard: &Rc<Shard>, key: MessageKey) -> Result<RecordRef, S
     let (reply, answer) = reply_channel();
     shard
         .mesh
-        .send(usize::from(key.shard), MeshMessage::ReadRecord { record, reply })
+        .send(
+            usize::from(key.shard),
+            MeshMessage::ReadRecord { record, reply },
+        )
         .await;
     answer
         .recv_async()
@@ -260,7 +268,9 @@ async fn send_message<S: AsyncWrite + Unpin>(
     key: MessageKey,
     top_lines: Option<u64>,
 ) -> std::io::Result<()> {
-    let record = fetch_record(shard, key).await.map_err(std::io::Error::other)?;
+    let record = fetch_record(shard, key)
+        .await
+        .map_err(std::io::Error::other)?;
     let layout = envelope::decode_message(&record).map_err(std::io::Error::other)?;
     let stored = &record[layout.stored_message()];
     let stored = match top_lines {

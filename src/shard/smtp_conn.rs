@@ -100,7 +100,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 let between_transactions = session.is_between_transactions();
                 let read = future::or(
-                    async { Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await) },
+                    async {
+                        Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await)
+                    },
                     async {
                         // Between transactions, a stopping shard says goodbye; inside one,
                         // the transaction may finish within the grace period.
@@ -141,10 +143,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 shard.adjust_data_bytes(held_body_bytes, now_held);
                 held_body_bytes = now_held;
                 if session.receiving_body() {
-                    let (started, at_bytes) = *body_started.get_or_insert((Instant::now(), received_bytes - n as u64));
+                    let (started, at_bytes) =
+                        *body_started.get_or_insert((Instant::now(), received_bytes - n as u64));
                     let elapsed = started.elapsed();
                     if elapsed > MIN_DATA_RATE_WINDOW
-                        && (received_bytes - at_bytes) < MIN_DATA_RATE_BYTES_PER_SEC * elapsed.as_secs()
+                        && (received_bytes - at_bytes)
+                            < MIN_DATA_RATE_BYTES_PER_SEC * elapsed.as_secs()
                     {
                         let reply = format!("421 4.4.2 {hostname} Error: data rate too slow\r\n");
                         let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
@@ -160,4 +164,3 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shard.release_data_bytes(held_body_bytes);
     tracing::debug!(shard = shard.id, client = %peer, "smtp connection ended: {outcome}");
 }
-

@@ -403,7 +403,9 @@ impl Session {
     /// True when no transaction is open and no input waits: a draining server may say
     /// goodbye (421) without cutting a client off mid-transaction.
     pub fn is_between_transactions(&self) -> bool {
-        matches!(self.phase, Phase::Command) && self.envelope.is_none() && self.consumed == self.filled
+        matches!(self.phase, Phase::Command)
+            && self.envelope.is_none()
+            && self.consumed == self.filled
     }
 
     /// Body bytes copied in user space so far: 0 for DATA unless the client sent body

@@ -227,7 +227,9 @@ pub struct LineClient {
 impl LineClient {
     pub fn connect(addr: SocketAddr) -> LineClient {
         let stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         LineClient { stream, reader }
     }
