@@ -18,7 +18,8 @@
 //! - A failed fdatasync (or write) poisons its segment: every record in it that was not yet
 //!   reported durable gets [`StoreError::SyncFailed`], and the next append rolls to a new
 //!   segment. Records reported durable earlier stay readable.
-//! - At open, recovery seals every existing segment and starts a fresh active one.
+//! - At open, appends resume after the last valid record of the newest segment (its torn tail
+//!   cleared first); a fresh segment is started only when that one is damaged.
 
 pub mod backend;
 mod log;

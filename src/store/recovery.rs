@@ -30,7 +30,7 @@ impl Store<DiskDir> {
 impl<D: SegmentDir> Store<D> {
     /// Opens the log held by `dir`: verifies every record, truncates torn tails (with a
     /// warning), reports and skips corruption elsewhere, and returns every live record in log
-    /// order. Every existing segment is sealed; appends go to a fresh segment.
+    /// order. Appends continue in the newest segment when it is intact, else in a fresh one.
     pub async fn open_in(dir: D, opts: StoreOptions) -> Result<(Store<D>, Recovered), StoreError> {
         if opts.segment_size_bytes < MIN_SEGMENT_SIZE_BYTES {
             return Err(StoreError::InvalidOptions("segment_size_bytes below 4096"));
@@ -60,14 +60,21 @@ impl<D: SegmentDir> Store<D> {
         // Data records in log order: (segment, offset, header).
         let mut occurrences = Vec::new();
         let mut id_floor = 1u64;
+        // The newest segment, if its header is intact and it has its full preallocated size.
+        let mut last_intact = None;
         for name in names {
             let Some(scan) = store.recover_segment(name, &mut report).await? else {
                 continue;
             };
             let mut st = store.state.borrow_mut();
             st.next_seq = st.next_seq.max(name.seq + 1);
+            last_intact = None;
             if let Some(header) = scan.header {
                 id_floor = id_floor.max(header.id_floor);
+                if header.seq == name.seq && header.size_bytes == st.segments[&name.seq].size_bytes
+                {
+                    last_intact = Some(name.seq);
+                }
             }
             for scanned in &scan.records {
                 let header = scanned.header;
@@ -107,10 +114,27 @@ impl<D: SegmentDir> Store<D> {
                 .await
                 .map_err(io_error("sync log directory"))?;
         }
-        store.roll(0).await?;
+        if !store.resume_last_segment(last_intact) {
+            store.roll(0).await?;
+        }
         report.elapsed = started.elapsed();
         tracing::info!(?report, "log recovered");
         Ok((store, Recovered { records, report }))
+    }
+
+    /// Makes the newest segment the active one again, so that every restart does not leave a
+    /// mostly empty segment behind. Safe because everything after its last valid record is
+    /// zero again (torn tails were cleared), and ids stay unique: the recovered next id is
+    /// above every id in any record or segment header. Returns false if there is none.
+    fn resume_last_segment(&self, last_intact: Option<u64>) -> bool {
+        let mut st = self.state.borrow_mut();
+        match last_intact {
+            Some(seq) if st.segments.keys().next_back() == Some(&seq) => {
+                st.active = Some(seq);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Scans one segment, clears its torn tail, and adds it (sealed) to the state. Returns

@@ -67,6 +67,11 @@ fn append_read_and_reopen() {
     assert_eq!(recovered.records[4].kind, 4);
     assert_eq!(recovered.report.torn_tail_bytes, 0);
     assert!(reopened.allocate_id() > ids[4]);
+    assert_eq!(
+        reopened.segment_count(),
+        1,
+        "appends resume in the intact newest segment"
+    );
 }
 
 #[test]
