@@ -1,0 +1,445 @@
+//! Appending: space reservation, segment roll, concurrent zero-copy writes, group commit.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::backend::{SegmentDir, SegmentFile};
+use super::record::{self, RecordHeader, RecordType};
+use super::segment::{SegmentHeader, SegmentName, FORMAT_VERSION, SEGMENT_HEADER_BYTES};
+use super::wait::join_all;
+use super::{io_error, Location, RecordId, Segment, Store, StoreError, MAX_IDS_PER_TOMBSTONE};
+
+/// Where a durable record landed.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct Placed {
+    pub(super) seq: u64,
+    pub(super) offset: u64,
+    pub(super) header: RecordHeader,
+}
+
+/// Undoes a reservation's bookkeeping if the appending future is dropped mid-write.
+struct WriteInFlight<'a, D: SegmentDir> {
+    store: &'a Store<D>,
+    seq: u64,
+}
+
+impl<D: SegmentDir> Drop for WriteInFlight<'_, D> {
+    fn drop(&mut self) {
+        if let Some(seg) = self.store.state.borrow_mut().segments.get_mut(&self.seq) {
+            seg.writes_in_flight -= 1;
+        }
+    }
+}
+
+/// Counts a written record until its append resolves (reclaim leaves such segments alone).
+struct AwaitingSync<'a, D: SegmentDir> {
+    store: &'a Store<D>,
+    seq: u64,
+}
+
+impl<D: SegmentDir> Drop for AwaitingSync<'_, D> {
+    fn drop(&mut self) {
+        if let Some(seg) = self.store.state.borrow_mut().segments.get_mut(&self.seq) {
+            seg.awaiting_sync -= 1;
+        }
+    }
+}
+
+/// Clears the "round in flight" flag if the task running a commit round is dropped, so that
+/// another waiter starts the next one; the files it was syncing are marked dirty again.
+struct RoundInFlight<'a, D: SegmentDir> {
+    store: &'a Store<D>,
+    seqs: Vec<u64>,
+    finished: bool,
+}
+
+impl<D: SegmentDir> Drop for RoundInFlight<'_, D> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut st = self.store.state.borrow_mut();
+        st.commit_in_flight = false;
+        for seq in &self.seqs {
+            if let Some(seg) = st.segments.get_mut(seq) {
+                seg.dirty = true;
+            }
+        }
+        drop(st);
+        self.store.changed.notify_all();
+    }
+}
+
+/// Clears the "rolling" flag if the task creating a segment is dropped.
+struct Rolling<'a, D: SegmentDir> {
+    store: &'a Store<D>,
+}
+
+impl<D: SegmentDir> Drop for Rolling<'_, D> {
+    fn drop(&mut self) {
+        self.store.state.borrow_mut().rolling = false;
+        self.store.changed.notify_all();
+    }
+}
+
+/// Writes all of `buf` at `pos`. `write_at` takes the buffer by value (io_uring owns it while
+/// the kernel works), so the rest of a short write is gone: a short write (only possible on a
+/// full or failing device, since segments are preallocated) counts as a failed write.
+async fn write_all<F: SegmentFile>(file: &F, buf: Vec<u8>, pos: u64) -> std::io::Result<()> {
+    let len = buf.len();
+    let written = file.write_at(buf, pos).await?;
+    if written < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("short write: {written} of {len} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+impl<D: SegmentDir> Store<D> {
+    /// Appends one record whose payload is the concatenation of `pieces`, written from these
+    /// very buffers, and resolves once the group commit covering it completed. `id` must come
+    /// from [`Store::allocate_id`]; `kind` is opaque to the store.
+    ///
+    /// If the returned future is dropped before it resolves, the record may or may not be
+    /// found after a restart (it was never reported durable).
+    pub async fn append(
+        &self,
+        id: RecordId,
+        kind: u8,
+        pieces: Vec<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        if id.0 == 0 || id.0 >= self.state.borrow().next_id {
+            return Err(StoreError::UnallocatedId(id));
+        }
+        let placed = self
+            .append_record(RecordType::Data, id, kind, pieces)
+            .await?;
+        self.apply_data(placed);
+        let mut st = self.state.borrow_mut();
+        st.stats.appends += 1;
+        st.stats.append_payload_bytes += u64::from(placed.header.payload_len);
+        Ok(())
+    }
+
+    /// Durably marks records dead (a tombstone record in this log); resolves after the group
+    /// commit covering it. Ids that are not live (already dead, never appended) are skipped,
+    /// so retrying after a failure is safe.
+    pub async fn mark_dead(&self, ids: &[RecordId]) -> Result<(), StoreError> {
+        let mut live: Vec<RecordId> = {
+            let st = self.state.borrow();
+            ids.iter()
+                .copied()
+                .filter(|id| st.index.contains_key(id))
+                .collect()
+        };
+        live.sort_unstable();
+        live.dedup();
+        self.write_tombstones(&live).await
+    }
+
+    /// Writes tombstones for `ids` and applies them once durable.
+    pub(super) async fn write_tombstones(&self, ids: &[RecordId]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(MAX_IDS_PER_TOMBSTONE) {
+            let payload: Vec<u8> = chunk.iter().flat_map(|id| id.0.to_le_bytes()).collect();
+            let placed = self
+                .append_record(RecordType::Tombstone, RecordId(0), 0, vec![payload])
+                .await?;
+            self.apply_tombstone(placed.seq, chunk);
+            self.state.borrow_mut().stats.tombstones += 1;
+        }
+        Ok(())
+    }
+
+    /// Records a durable data record (a new one or a compaction copy) in the index.
+    pub(super) fn apply_data(&self, placed: Placed) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        let id = placed.header.id;
+        *st.record_holders.entry(id).or_default() += 1;
+        let seg = st
+            .segments
+            .get_mut(&placed.seq)
+            .expect("segment of a durable record");
+        seg.data_ids.push(id);
+        if st.dead.contains(&id) {
+            // A compaction copy of a record killed while it was being copied.
+            return;
+        }
+        let loc = Location {
+            seq: placed.seq,
+            offset: placed.offset,
+            payload_len: placed.header.payload_len,
+            payload_crc: placed.header.payload_crc,
+            kind: placed.header.kind,
+        };
+        seg.live_records += 1;
+        seg.live_bytes += loc.encoded_len();
+        if let Some(old) = st.index.insert(id, loc) {
+            if let Some(old_seg) = st.segments.get_mut(&old.seq) {
+                old_seg.live_records -= 1;
+                old_seg.live_bytes -= old.encoded_len();
+            }
+        }
+    }
+
+    /// Records a durable tombstone in segment `seq` killing `ids`.
+    pub(super) fn apply_tombstone(&self, seq: u64, ids: &[RecordId]) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        let seg = st
+            .segments
+            .get_mut(&seq)
+            .expect("segment of a durable tombstone");
+        seg.tombstoned.extend_from_slice(ids);
+        for &id in ids {
+            *st.tombstone_holders.entry(id).or_default() += 1;
+            if let Some(old) = st.index.remove(&id) {
+                if let Some(old_seg) = st.segments.get_mut(&old.seq) {
+                    old_seg.live_records -= 1;
+                    old_seg.live_bytes -= old.encoded_len();
+                }
+            }
+            if st.record_holders.contains_key(&id) {
+                st.dead.insert(id);
+            }
+        }
+    }
+
+    /// Checks, reserves, writes and commits one record of any type.
+    pub(super) async fn append_record(
+        &self,
+        record_type: RecordType,
+        id: RecordId,
+        kind: u8,
+        pieces: Vec<Vec<u8>>,
+    ) -> Result<Placed, StoreError> {
+        let payload_len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+        let max_bytes = self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES);
+        if payload_len > max_bytes {
+            return Err(StoreError::RecordTooLarge {
+                size_bytes: payload_len,
+                max_bytes,
+            });
+        }
+        let header = RecordHeader {
+            record_type,
+            kind,
+            id,
+            payload_len: payload_len as u32,
+            payload_crc: record::payload_crc(&pieces),
+        };
+        let (seq, offset, file, salt) = self.reserve(header.encoded_len()).await?;
+        let in_flight = WriteInFlight { store: self, seq };
+        let header_bytes = header.encode(salt);
+        // Check the header before it is written, as recovery will check it after.
+        debug_assert_eq!(RecordHeader::decode(&header_bytes, salt), Ok(header));
+        let mut result = write_all(&*file, header_bytes.to_vec(), offset).await;
+        let mut pos = offset + record::HEADER_BYTES as u64;
+        for piece in pieces {
+            if result.is_err() {
+                break;
+            }
+            if piece.is_empty() {
+                continue;
+            }
+            let len = piece.len() as u64;
+            result = write_all(&*file, piece, pos).await;
+            pos += len;
+        }
+        drop(in_flight);
+        {
+            let mut st = self.state.borrow_mut();
+            let seg = st
+                .segments
+                .get_mut(&seq)
+                .expect("segment with a write in flight");
+            if let Err(error) = result {
+                tracing::error!(segment = seq, %error, "log write failed; segment takes no more writes");
+                seg.failed_round = Some(0);
+                return Err(StoreError::SyncFailed);
+            }
+            seg.dirty = true;
+            seg.awaiting_sync += 1;
+        }
+        let _awaiting = AwaitingSync { store: self, seq };
+        let ticket = self.state.borrow().commit_rounds_started + 1;
+        self.wait_durable(seq, ticket).await?;
+        Ok(Placed {
+            seq,
+            offset,
+            header,
+        })
+    }
+
+    /// Waits until commit round `ticket` (the first to begin after the record was written)
+    /// completed, running rounds itself whenever none is in flight.
+    async fn wait_durable(&self, seq: u64, ticket: u64) -> Result<(), StoreError> {
+        loop {
+            let lead = {
+                let st = self.state.borrow();
+                let seg = &st.segments[&seq];
+                if seg.failed_round.is_some_and(|failed| failed <= ticket) {
+                    return Err(StoreError::SyncFailed);
+                }
+                if st.commit_rounds_completed >= ticket {
+                    return Ok(());
+                }
+                !st.commit_in_flight
+            };
+            if lead {
+                self.commit_round().await;
+            } else {
+                self.changed.wait().await;
+            }
+        }
+    }
+
+    /// One group-commit round: fdatasync every segment written since the last round began.
+    async fn commit_round(&self) {
+        let (round, files) = {
+            let mut st = self.state.borrow_mut();
+            st.commit_in_flight = true;
+            st.commit_rounds_started += 1;
+            let files: Vec<(u64, Rc<D::File>)> = st
+                .segments
+                .iter_mut()
+                .filter(|(_, seg)| seg.dirty && seg.failed_round.is_none())
+                .map(|(&seq, seg)| {
+                    seg.dirty = false;
+                    (seq, seg.file.clone())
+                })
+                .collect();
+            (st.commit_rounds_started, files)
+        };
+        let mut in_flight = RoundInFlight {
+            store: self,
+            seqs: files.iter().map(|(seq, _)| *seq).collect(),
+            finished: false,
+        };
+        let started = Instant::now();
+        let results = join_all(files.iter().map(|(_, file)| file.fdatasync()).collect()).await;
+        in_flight.finished = true;
+        let nanos = started.elapsed().as_nanos() as u64;
+        {
+            let mut st = self.state.borrow_mut();
+            for ((seq, _), result) in files.iter().zip(results) {
+                st.stats.fdatasyncs += 1;
+                if let Err(error) = result {
+                    tracing::error!(segment = seq, %error, "fdatasync failed; segment takes no more writes");
+                    st.stats.fdatasync_failures += 1;
+                    if let Some(seg) = st.segments.get_mut(seq) {
+                        seg.failed_round = Some(seg.failed_round.map_or(round, |r| r.min(round)));
+                    }
+                }
+            }
+            st.stats.commit_rounds += 1;
+            st.stats.commit_nanos_total += nanos;
+            st.stats.commit_nanos_max = st.stats.commit_nanos_max.max(nanos);
+            st.commit_rounds_completed = round;
+            st.commit_in_flight = false;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Reserves `len` bytes in the active segment, rolling to a new one when it is full or
+    /// poisoned.
+    async fn reserve(&self, len: u64) -> Result<(u64, u64, Rc<D::File>, u32), StoreError> {
+        loop {
+            let must_roll = {
+                let mut st = self.state.borrow_mut();
+                if st.rolling {
+                    false
+                } else {
+                    if let Some(seq) = st.active {
+                        let seg = st.segments.get_mut(&seq).expect("active segment");
+                        if seg.failed_round.is_none() && seg.write_offset + len <= seg.size_bytes {
+                            let offset = seg.write_offset;
+                            seg.write_offset += len;
+                            seg.writes_in_flight += 1;
+                            return Ok((seq, offset, seg.file.clone(), seg.name.salt));
+                        }
+                    }
+                    st.rolling = true;
+                    true
+                }
+            };
+            if must_roll {
+                let _rolling = Rolling { store: self };
+                self.roll(len).await?;
+            } else {
+                // Another appender is creating the next segment.
+                self.changed.wait().await;
+            }
+        }
+    }
+
+    /// Creates, preallocates and durably names a new active segment with room for a record of
+    /// `needed` bytes (a record larger than a segment gets a segment of its own size).
+    pub(super) async fn roll(&self, needed: u64) -> Result<(), StoreError> {
+        let (seq, id_floor) = {
+            let mut st = self.state.borrow_mut();
+            st.next_seq += 1;
+            (st.next_seq - 1, st.next_id)
+        };
+        let name = SegmentName {
+            seq,
+            salt: rand::random(),
+        };
+        let file_name = name.file_name();
+        let size_bytes = self
+            .opts
+            .segment_size_bytes
+            .max(SEGMENT_HEADER_BYTES + needed);
+        let file = self
+            .dir
+            .create(&file_name, size_bytes)
+            .await
+            .map_err(io_error("create segment"))?;
+        let header = SegmentHeader {
+            version: FORMAT_VERSION,
+            seq,
+            id_floor,
+            size_bytes,
+        };
+        let made_durable = async {
+            write_all(&file, header.encode_record(name.salt), 0).await?;
+            file.fdatasync().await?;
+            self.dir.sync().await
+        };
+        if let Err(error) = made_durable.await {
+            // Best effort: recovery also removes a segment holding nothing.
+            let _ = self.dir.remove(&file_name).await;
+            return Err(io_error("initialise segment")(error));
+        }
+        let map = if <D::File as SegmentFile>::MAP_IS_LIVE {
+            Some(file.map(size_bytes).map_err(io_error("map segment"))?)
+        } else {
+            None
+        };
+        let mut st = self.state.borrow_mut();
+        st.segments.insert(
+            seq,
+            Segment {
+                name,
+                file: Rc::new(file),
+                size_bytes,
+                write_offset: SEGMENT_HEADER_BYTES,
+                map,
+                writes_in_flight: 0,
+                awaiting_sync: 0,
+                dirty: false,
+                failed_round: None,
+                live_records: 0,
+                live_bytes: 0,
+                data_ids: Vec::new(),
+                tombstoned: Vec::new(),
+            },
+        );
+        st.active = Some(seq);
+        st.stats.segments_created += 1;
+        tracing::debug!(segment = seq, size_bytes, "new active segment");
+        Ok(())
+    }
+}

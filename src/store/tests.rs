@@ -1,0 +1,465 @@
+//! Store tests on the in-memory, fault-injecting backend: behaviour tables, then the power-cut
+//! property test (appends, tombstones, reclaim, failed fdatasyncs, cut at any operation).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+
+use futures_lite::future::block_on;
+use proptest::prelude::*;
+
+use super::memfs::{CrashImage, Faults, MemDir};
+use super::wait::join_all;
+use super::*;
+
+fn small_opts() -> StoreOptions {
+    StoreOptions {
+        segment_size_bytes: 4096,
+        max_record_bytes: 64 << 10,
+        ..StoreOptions::default()
+    }
+}
+
+fn open(image: &CrashImage, faults: Faults) -> (Store<MemDir>, Recovered) {
+    block_on(Store::open_in(
+        MemDir::from_image(image, faults),
+        small_opts(),
+    ))
+    .expect("open")
+}
+
+fn payload(id: RecordId, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (id.0 as usize * 31 + i) as u8).collect()
+}
+
+fn recovered_ids(recovered: &Recovered) -> Vec<u64> {
+    recovered.records.iter().map(|r| r.id.0).collect()
+}
+
+#[test]
+fn append_read_and_reopen() {
+    let (store, recovered) = open(&CrashImage::default(), Faults::default());
+    assert!(recovered.records.is_empty());
+    let ids: Vec<RecordId> = (0..5).map(|_| store.allocate_id()).collect();
+    block_on(async {
+        for (i, id) in ids.iter().enumerate() {
+            let body = payload(*id, 100 + i);
+            let (head, tail) = body.split_at(10);
+            store
+                .append(*id, i as u8, vec![head.to_vec(), Vec::new(), tail.to_vec()])
+                .await
+                .unwrap();
+        }
+    });
+    let record = store.read(ids[2]).unwrap();
+    assert_eq!(&record[..], &payload(ids[2], 102)[..]);
+    assert_eq!((record.id(), record.kind()), (ids[2], 2));
+    assert!(record.verify());
+    assert_eq!(store.stats().appends, 5);
+
+    let image = store.dir().cut_power_now();
+    let (reopened, recovered) = open(&image, Faults::default());
+    assert_eq!(
+        recovered_ids(&recovered),
+        ids.iter().map(|id| id.0).collect::<Vec<_>>()
+    );
+    assert_eq!(&recovered.records[4].record[..], &payload(ids[4], 104)[..]);
+    assert_eq!(recovered.records[4].kind, 4);
+    assert_eq!(recovered.report.torn_tail_bytes, 0);
+    assert!(reopened.allocate_id() > ids[4]);
+    assert_eq!(
+        reopened.segment_count(),
+        1,
+        "appends resume in the intact newest segment"
+    );
+}
+
+#[test]
+fn concurrent_appends_share_fdatasyncs() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let before = store.stats().fdatasyncs;
+    let appends: Vec<_> = (0..64)
+        .map(|_| {
+            let id = store.allocate_id();
+            store.append(id, 1, vec![payload(id, 40)])
+        })
+        .collect();
+    for result in block_on(join_all(appends)) {
+        result.unwrap();
+    }
+    let syncs = store.stats().fdatasyncs - before;
+    assert!(syncs <= 8, "64 concurrent appends took {syncs} fdatasyncs");
+    assert_eq!(store.live_records(), 64);
+}
+
+#[test]
+fn record_larger_than_a_segment_gets_its_own() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let id = store.allocate_id();
+    let big = payload(id, 10_000);
+    block_on(store.append(id, 9, vec![big.clone()])).unwrap();
+    assert_eq!(&store.read(id).unwrap()[..], &big[..]);
+    let small = store.allocate_id();
+    block_on(store.append(small, 1, vec![b"after".to_vec()])).unwrap();
+    let (_, recovered) = open(&store.dir().cut_power_now(), Faults::default());
+    assert_eq!(recovered_ids(&recovered), [id.0, small.0]);
+    assert_eq!(&recovered.records[0].record[..], &big[..]);
+}
+
+#[test]
+fn too_large_and_unallocated_are_refused() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let id = store.allocate_id();
+    let error = block_on(store.append(id, 0, vec![vec![0; 65 << 10]])).unwrap_err();
+    assert!(
+        matches!(error, StoreError::RecordTooLarge { .. }),
+        "{error}"
+    );
+    let error = block_on(store.append(RecordId(999), 0, vec![])).unwrap_err();
+    assert!(matches!(error, StoreError::UnallocatedId(_)), "{error}");
+    assert!(matches!(
+        store.read(RecordId(999)),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn failed_fdatasync_fails_its_records_and_rolls() {
+    // fdatasync 1 initialises the first segment; 2 is the first commit round.
+    let faults = Faults {
+        fail_fdatasync_at: Some(2),
+        ..Faults::default()
+    };
+    let (store, _) = open(&CrashImage::default(), faults);
+    let first = store.allocate_id();
+    let error = block_on(store.append(first, 1, vec![b"lost".to_vec()])).unwrap_err();
+    assert!(matches!(error, StoreError::SyncFailed), "{error}");
+    assert!(store.read(first).is_err());
+    assert_eq!(store.stats().fdatasync_failures, 1);
+    let second = store.allocate_id();
+    block_on(store.append(second, 1, vec![b"kept".to_vec()])).unwrap();
+    assert_eq!(
+        store.segment_count(),
+        2,
+        "the poisoned segment takes no more writes"
+    );
+    let (_, recovered) = open(&store.dir().cut_power_now(), Faults::default());
+    assert_eq!(recovered_ids(&recovered), [second.0]);
+}
+
+#[test]
+fn mark_dead_survives_restart_and_is_idempotent() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let ids: Vec<RecordId> = (0..4).map(|_| store.allocate_id()).collect();
+    block_on(async {
+        for id in &ids {
+            store.append(*id, 0, vec![payload(*id, 10)]).await.unwrap();
+        }
+        store.mark_dead(&[ids[1], ids[3]]).await.unwrap();
+        store.mark_dead(&[ids[1], RecordId(12345)]).await.unwrap();
+    });
+    assert!(store.read(ids[1]).is_err());
+    let (_, recovered) = open(&store.dir().cut_power_now(), Faults::default());
+    assert_eq!(recovered_ids(&recovered), [ids[0].0, ids[2].0]);
+}
+
+/// Fills segments with records of `len` bytes; returns their ids.
+fn fill(store: &Store<MemDir>, count: usize, len: usize) -> Vec<RecordId> {
+    let ids: Vec<RecordId> = (0..count).map(|_| store.allocate_id()).collect();
+    block_on(async {
+        for id in &ids {
+            store.append(*id, 0, vec![payload(*id, len)]).await.unwrap();
+        }
+    });
+    ids
+}
+
+#[test]
+fn reclaim_deletes_dead_segments_and_compacts_sparse_ones() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let ids = fill(&store, 30, 500); // about 7 per 4 KiB segment
+    let segments_before = store.segment_count();
+    // Kill the first 14 (two segments' worth) and all but one in the rest.
+    let (dead, keep): (Vec<_>, Vec<_>) = ids
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| *i < 14 || i % 7 != 0);
+    let dead: Vec<RecordId> = dead.into_iter().map(|(_, id)| *id).collect();
+    let keep: Vec<RecordId> = keep.into_iter().map(|(_, id)| *id).collect();
+    block_on(store.mark_dead(&dead)).unwrap();
+    let report = block_on(store.reclaim()).unwrap();
+    assert!(report.segments_deleted >= 2, "{report:?}");
+    assert!(report.segments_compacted >= 1, "{report:?}");
+    assert!(store.segment_count() < segments_before);
+    for id in &keep {
+        assert_eq!(&store.read(*id).unwrap()[..], &payload(*id, 500)[..]);
+    }
+    let (reopened, recovered) = open(&store.dir().cut_power_now(), Faults::default());
+    let mut got = recovered_ids(&recovered);
+    got.sort_unstable();
+    assert_eq!(got, keep.iter().map(|id| id.0).collect::<Vec<_>>());
+    assert!(reopened.allocate_id() > *ids.last().unwrap());
+}
+
+#[test]
+fn tombstone_is_carried_while_its_record_survives() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    // Segment A: seven records filling it exactly, one of which we kill; A stays (not sparse).
+    let a = fill(&store, 7, 540);
+    // The tombstone lands in the next segment B, together with records we then kill in bulk.
+    block_on(store.mark_dead(&[a[0]])).unwrap();
+    let b = fill(&store, 20, 500);
+    block_on(store.mark_dead(&b)).unwrap();
+    let report = block_on(store.reclaim()).unwrap();
+    assert!(report.tombstones_carried >= 1, "{report:?}");
+    let (_, recovered) = open(&store.dir().cut_power_now(), Faults::default());
+    assert_eq!(
+        recovered_ids(&recovered),
+        a[1..].iter().map(|id| id.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn ids_are_not_reused_after_every_segment_was_deleted() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let ids = fill(&store, 20, 500);
+    block_on(store.mark_dead(&ids)).unwrap();
+    fill(&store, 0, 0);
+    let (reopened, _) = open(&store.dir().cut_power_now(), Faults::default());
+    block_on(reopened.reclaim()).unwrap();
+    let (again, recovered) = open(&reopened.dir().cut_power_now(), Faults::default());
+    assert!(recovered.records.is_empty());
+    assert!(again.allocate_id() > *ids.last().unwrap());
+}
+
+#[test]
+fn power_cut_mid_append_leaves_a_torn_tail_that_recovery_clears() {
+    // Find a cut that tears something, then check the second recovery is clean.
+    for seed in 0..20 {
+        let faults = Faults {
+            power_cut_at_op: Some(12),
+            seed,
+            ..Faults::default()
+        };
+        let (store, _) = open(&CrashImage::default(), faults);
+        let appends: Vec<_> = (0..8)
+            .map(|_| {
+                let id = store.allocate_id();
+                store.append(id, 0, vec![payload(id, 900)])
+            })
+            .collect();
+        let _ = block_on(join_all(appends));
+        let image = store.dir().crash_image().expect("the cut happened");
+        let (reopened, recovered) = open(&image, Faults::default());
+        let (_, again) = open(&reopened.dir().cut_power_now(), Faults::default());
+        assert_eq!(again.report.torn_tail_bytes, 0, "seed {seed}");
+        assert_eq!(
+            again.report.corrupt_regions, recovered.report.corrupt_regions,
+            "seed {seed}"
+        );
+    }
+}
+
+// ---- the power-cut property test ----
+
+/// One step of a generated workload.
+#[derive(Clone, Debug)]
+enum Op {
+    /// Concurrent appends of these payload sizes (in pieces of at most `piece` bytes).
+    Append { sizes: Vec<usize>, piece: usize },
+    /// Marks dead the records at these positions of the attempted list (modulo its length).
+    MarkDead(Vec<usize>),
+    /// Runs a reclaim.
+    Reclaim,
+    /// Appends and kills concurrently with a reclaim.
+    Mixed { sizes: Vec<usize>, kill: Vec<usize> },
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let size = prop_oneof![8 => 0usize..1200, 1 => 4000usize..9000];
+    let sizes = proptest::collection::vec(size, 1..12);
+    let picks = proptest::collection::vec(any::<usize>(), 1..8);
+    prop_oneof![
+        5 => (sizes.clone(), 1usize..2000).prop_map(|(sizes, piece)| Op::Append { sizes, piece }),
+        3 => picks.clone().prop_map(Op::MarkDead),
+        2 => Just(Op::Reclaim),
+        2 => (sizes, picks).prop_map(|(sizes, kill)| Op::Mixed { sizes, kill }),
+    ]
+}
+
+/// What the test knows about the outcome of every operation.
+#[derive(Default)]
+struct Model {
+    /// Every id an append was attempted for, with its payload.
+    attempted: BTreeMap<RecordId, Vec<u8>>,
+    /// Ids reported durable.
+    acked: BTreeSet<RecordId>,
+    /// Ids for which a mark_dead was attempted.
+    kill_attempted: BTreeSet<RecordId>,
+    /// Ids whose mark_dead was reported durable.
+    kill_acked: BTreeSet<RecordId>,
+}
+
+type Boxed<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+fn append_futures<'a>(
+    store: &'a Store<MemDir>,
+    model: &'a std::cell::RefCell<Model>,
+    sizes: &[usize],
+    piece: usize,
+) -> Vec<Boxed<'a>> {
+    sizes
+        .iter()
+        .map(|&size| {
+            let id = store.allocate_id();
+            let body = payload(id, size);
+            {
+                let mut m = model.borrow_mut();
+                m.attempted.insert(id, body.clone());
+            }
+            let pieces: Vec<Vec<u8>> = body.chunks(piece.max(1)).map(<[u8]>::to_vec).collect();
+            Box::pin(async move {
+                if store.append(id, (size % 251) as u8, pieces).await.is_ok() {
+                    model.borrow_mut().acked.insert(id);
+                }
+            }) as Boxed<'a>
+        })
+        .collect()
+}
+
+fn kill_future<'a>(
+    store: &'a Store<MemDir>,
+    model: &'a std::cell::RefCell<Model>,
+    picks: &'a [usize],
+) -> Boxed<'a> {
+    Box::pin(async move {
+        // Only records reported durable can be killed: a mark_dead of anything else is a no-op.
+        let victims: Vec<RecordId> = {
+            let mut m = model.borrow_mut();
+            let candidates: Vec<RecordId> = m.acked.iter().copied().collect();
+            if candidates.is_empty() {
+                return;
+            }
+            let victims: Vec<RecordId> = picks
+                .iter()
+                .map(|p| candidates[p % candidates.len()])
+                .collect();
+            m.kill_attempted.extend(victims.iter().copied());
+            victims
+        };
+        if store.mark_dead(&victims).await.is_ok() {
+            model.borrow_mut().kill_acked.extend(victims);
+        }
+    })
+}
+
+fn run_ops(store: &Store<MemDir>, model: &std::cell::RefCell<Model>, ops: &[Op]) {
+    block_on(async {
+        for op in ops {
+            match op {
+                Op::Append { sizes, piece } => {
+                    join_all(append_futures(store, model, sizes, *piece)).await;
+                }
+                Op::MarkDead(picks) => kill_future(store, model, picks).await,
+                Op::Reclaim => {
+                    let _ = store.reclaim().await;
+                }
+                Op::Mixed { sizes, kill } => {
+                    let mut all = append_futures(store, model, sizes, 700);
+                    all.push(kill_future(store, model, kill));
+                    all.push(Box::pin(async {
+                        let _ = store.reclaim().await;
+                    }));
+                    join_all(all).await;
+                }
+            }
+        }
+    });
+}
+
+/// Checks a recovery against the model: nothing acknowledged lost, nothing killed resurrected,
+/// nothing duplicated, every payload intact, no id reused.
+fn check(recovered: &Recovered, store: &Store<MemDir>, model: &Model) -> Result<(), TestCaseError> {
+    let mut seen = BTreeSet::new();
+    for record in &recovered.records {
+        prop_assert!(seen.insert(record.id), "duplicate {:?}", record.id);
+        let expected = model.attempted.get(&record.id);
+        prop_assert!(expected.is_some(), "unknown record {:?}", record.id);
+        prop_assert_eq!(
+            &record.record[..],
+            &expected.unwrap()[..],
+            "payload of {:?}",
+            record.id
+        );
+        prop_assert!(
+            !model.kill_acked.contains(&record.id),
+            "resurrected {:?}",
+            record.id
+        );
+    }
+    for id in &model.acked {
+        if !model.kill_attempted.contains(id) {
+            prop_assert!(seen.contains(id), "lost {:?}", id);
+        }
+    }
+    let next = store.allocate_id();
+    prop_assert!(
+        model.acked.iter().all(|id| *id < next),
+        "id {next:?} reused"
+    );
+    Ok(())
+}
+
+/// Opens a log from `image` with `faults`; a fault during the open itself (a power cut or a
+/// failed fdatasync) yields what the disk holds then instead of a store.
+fn open_faulty(image: &CrashImage, faults: Faults) -> Result<Store<MemDir>, CrashImage> {
+    let dir = MemDir::from_image(image, faults);
+    match block_on(Store::open_in(dir.clone(), small_opts())) {
+        Ok((store, _)) => Ok(store),
+        Err(_) => Err(dir.cut_power_now()),
+    }
+}
+
+/// Runs `ops` on a log opened from `image` and cut by `faults`; returns what the cut left.
+fn run_phase(
+    image: &CrashImage,
+    faults: Faults,
+    model: &std::cell::RefCell<Model>,
+    ops: &[Op],
+) -> CrashImage {
+    match open_faulty(image, faults) {
+        Ok(store) => {
+            run_ops(&store, model, ops);
+            store.dir().cut_power_now()
+        }
+        Err(image) => image,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn power_cut_never_loses_or_resurrects(
+        first in proptest::collection::vec(op_strategy(), 1..12),
+        second in proptest::collection::vec(op_strategy(), 0..8),
+        cut_first in 1u64..400,
+        cut_second in 1u64..400,
+        fail_sync in proptest::option::weighted(0.2, 1u64..40),
+        seed: u64,
+    ) {
+        let model = std::cell::RefCell::new(Model::default());
+        // Phase one: a fresh log, cut at some operation (or after the last).
+        let faults = Faults { power_cut_at_op: Some(cut_first), fail_fdatasync_at: fail_sync, seed };
+        let image = run_phase(&CrashImage::default(), faults, &model, &first);
+        let (store, recovered) = open(&image, Faults::default());
+        check(&recovered, &store, &model.borrow())?;
+        // Whatever recovery handed back is durable now, acknowledged or not.
+        model.borrow_mut().acked.extend(recovered.records.iter().map(|r| r.id));
+        // Phase two: keep going on the recovered log, cut again.
+        let faults = Faults { power_cut_at_op: Some(cut_second), seed: seed ^ 1, ..Faults::default() };
+        let image = run_phase(&store.dir().cut_power_now(), faults, &model, &second);
+        let (store, recovered) = open(&image, Faults::default());
+        check(&recovered, &store, &model.borrow())?;
+    }
+}
