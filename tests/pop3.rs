@@ -214,3 +214,81 @@ fn curl_retrieves_over_pop3() {
     assert!(text.contains("fetched by curl"), "{text}");
     assert!(text.starts_with("Return-Path: <s@remote.test>"), "{text}");
 }
+
+fn segment_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("seg-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Deleting most messages of a sealed segment gets it compacted: the survivors are copied
+/// forward, keep their UIDLs and stay byte-exact, and the old segment file disappears.
+#[test]
+fn compaction_keeps_every_live_message_with_its_uidl() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &mail_config(dir.path(), 1, "", "max_message_size = 2000000"),
+    );
+    let mut bodies = Vec::new();
+    for i in 0..70 {
+        let mut body = format!("Subject: {i}\r\n\r\n").into_bytes();
+        let line = format!("message {i} filler line with some text in it\r\n");
+        while body.len() < 1 << 20 {
+            body.extend_from_slice(line.as_bytes());
+        }
+        let reply = send_mail(
+            server.addr("smtp"),
+            "s@remote.test",
+            &["alice@example.test"],
+            &body,
+        );
+        assert!(reply.starts_with("250"), "{reply}");
+        bodies.push(body);
+    }
+    let shard_dir = dir.path().join("data/shard-0");
+    let before = segment_files(&shard_dir);
+    assert!(
+        before.len() >= 2,
+        "70 MiB should fill more than one 64 MiB segment: {before:?}"
+    );
+
+    let mut c = login(server.addr("pop3"), "alice@example.test");
+    let all = uidls(&mut c);
+    // Delete every message but every tenth one.
+    for n in 1..=70 {
+        if n % 10 != 0 {
+            assert!(c.command(&format!("DELE {n}")).starts_with("+OK"));
+        }
+    }
+    assert!(c.command("QUIT").starts_with("+OK"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while segment_files(&shard_dir).contains(&before[0]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sparse first segment was never reclaimed: {:?}",
+            segment_files(&shard_dir)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut c = login(server.addr("pop3"), "alice@example.test");
+    let kept: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (i + 1) % 10 == 0)
+        .map(|(_, u)| u.clone())
+        .collect();
+    assert_eq!(uidls(&mut c), kept);
+    for (n, i) in (9..70).step_by(10).enumerate() {
+        assert!(c.command(&format!("RETR {}", n + 1)).starts_with("+OK"));
+        assert!(
+            c.pop3_multiline().ends_with(&bodies[i]),
+            "message {i} changed by compaction"
+        );
+    }
+    assert!(c.command("QUIT").starts_with("+OK"));
+}

@@ -88,8 +88,8 @@ pub enum ShardError {
 
 /// Listen backlog: room for a burst of connections while every shard is busy.
 const LISTEN_BACKLOG: i32 = 4096;
-/// How often a shard gives the log a chance to reclaim space.
-const RECLAIM_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a shard looks whether records died since its last space reclaim.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Per-shard state every connection task can reach.
 pub struct Shard {
@@ -365,8 +365,10 @@ async fn serve_connection(shard: Rc<Shard>, kind: ListenerKind, stream: TcpStrea
     }
 }
 
-/// Gives the log a chance to free the space of dead records now and then.
+/// Frees the space of dead records soon after records die (and never when none did, so an
+/// idle shard does no work).
 async fn reclaim_loop(shard: Rc<Shard>) {
+    let mut tombstones_seen = shard.store.stats().tombstones;
     loop {
         let stop = future::or(
             async {
@@ -382,11 +384,17 @@ async fn reclaim_loop(shard: Rc<Shard>) {
         if stop {
             return;
         }
+        let tombstones = shard.store.stats().tombstones;
+        if tombstones == tombstones_seen {
+            continue;
+        }
+        tombstones_seen = tombstones;
         match shard.store.reclaim().await {
             Ok(report) if report.bytes_freed > 0 => tracing::info!(
                 shard = shard.id,
                 segments_deleted = report.segments_deleted,
                 segments_compacted = report.segments_compacted,
+                records_copied = report.records_copied,
                 bytes_freed = report.bytes_freed,
                 "reclaimed log space"
             ),
