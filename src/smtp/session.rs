@@ -46,6 +46,21 @@ pub const MAX_UNSENT_OUTPUT_BYTES: usize = 64 * 1024;
 /// client this confused is broken or probing.
 pub const MAX_ERRORS: u32 = 10;
 
+/// The whole reply to a connection refused before any session exists (over
+/// `max_connections` or `max_connections_per_ip`): the loop writes it and closes.
+pub fn connection_refused(hostname: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    let text = format!("{hostname} Too many connections, try again later");
+    write_line(
+        &mut out,
+        421,
+        false,
+        Some(EnhancedCode::new(4, 7, 0)),
+        text.as_bytes(),
+    );
+    out
+}
+
 /// Everything a session needs from configuration; built once per shard from Config.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
@@ -392,6 +407,38 @@ impl Session {
             recipients: envelope.recipients.len(),
             body_bytes: body_bytes + envelope.bdat.map_or(0, |b| b.received_bytes),
         })
+    }
+
+    /// The loop's idle timer (or minimum data rate) fired: queues 421 4.4.2 and closes.
+    /// Returns the unfinished transaction thrown away, as [`Session::peer_closed`] does.
+    pub fn timed_out(&mut self) -> Option<Discarded> {
+        self.end_with(replies::TIMEOUT)
+    }
+
+    /// The server is draining: queues 421 4.3.2 and closes. The loop calls this when the
+    /// session is between transactions or when the grace period is over; an unfinished
+    /// transaction is thrown away, never half-stored.
+    pub fn shutting_down(&mut self) -> Option<Discarded> {
+        self.end_with(replies::SHUTTING_DOWN)
+    }
+
+    /// True while a transaction is open (after MAIL, until its end or RSET) or a store is
+    /// in flight: the loop's drain waits for these.
+    pub fn in_transaction(&self) -> bool {
+        self.envelope.is_some()
+            || matches!(
+                self.phase,
+                Phase::Data(_) | Phase::Bdat(_) | Phase::AwaitingStore
+            )
+    }
+
+    fn end_with(&mut self, reply: Reply) -> Option<Discarded> {
+        if matches!(self.phase, Phase::Closed) {
+            return None;
+        }
+        let discarded = self.peer_closed();
+        reply.write_to(&mut self.output);
+        discarded
     }
 
     /// Body bytes copied in user space so far: 0 for DATA unless the client sent body

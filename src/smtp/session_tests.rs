@@ -706,3 +706,45 @@ fn received_header_names_the_session() {
          \tfor <bob@example.test>;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
     );
 }
+
+#[test]
+fn timeouts_and_shutdown_close_with_421() {
+    let mut harness = Harness::standard();
+    harness.send(b"HELO c\r\nMAIL FROM:<>\r\n", usize::MAX);
+    assert!(harness.session.in_transaction());
+    assert_eq!(
+        harness.session.timed_out(),
+        Some(Discarded {
+            recipients: 0,
+            body_bytes: 0
+        })
+    );
+    harness.drive();
+    assert!(harness.closed);
+    let lines = harness.lines();
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("421 4.4.2 Timeout exceeded, closing transmission channel")
+    );
+    // Once closed, nothing more is queued.
+    assert_eq!(harness.session.shutting_down(), None);
+    assert!(harness.session.output().is_empty());
+
+    let mut idle = Harness::standard();
+    assert!(!idle.session.in_transaction());
+    assert_eq!(idle.session.shutting_down(), None);
+    idle.drive();
+    assert_eq!(
+        idle.lines()[1..],
+        ["421 4.3.2 Service shutting down, closing transmission channel"]
+    );
+    assert!(idle.closed);
+}
+
+#[test]
+fn refused_connections_get_421_with_our_name() {
+    assert_eq!(
+        connection_refused(HOSTNAME),
+        b"421 4.7.0 mx.example.test Too many connections, try again later\r\n"
+    );
+}
