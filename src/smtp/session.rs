@@ -66,7 +66,9 @@ pub fn connection_refused(hostname: &str) -> Vec<u8> {
 pub struct SessionParams {
     /// Our name: the greeting, EHLO reply and Received headers.
     pub hostname: String,
-    /// Largest message accepted, in octets as transmitted; advertised as SIZE.
+    /// Largest message accepted; advertised as SIZE. DATA bodies count as transmitted
+    /// (dot-stuffed: one octet more per line that starts with a dot than RFC 1870 counts,
+    /// the price of never unstuffing); BDAT bodies count as received.
     pub max_message_size: u64,
     /// Recipients per transaction; beyond it RCPT gets 452 4.5.3.
     pub max_recipients: usize,
