@@ -13,7 +13,6 @@ use futures_lite::{future, AsyncRead, AsyncWrite};
 
 use super::conn::{read_some, write_all, ReadOutcome};
 use super::{ingest, Shard};
-use crate::limits::Refusal;
 use crate::server::ListenerKind;
 use crate::smtp::{Action, PeerInfo, Session};
 
@@ -33,17 +32,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     _kind: ListenerKind,
 ) {
     let config = &shard.shared.config;
-    let hostname = &config.hostname;
     let _slot = match shard.shared.smtp_limits.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(refusal) => {
-            let why = match refusal {
-                Refusal::TooManyConnections => "too many connections",
-                Refusal::TooManyFromAddress => "too many connections from your address",
-            };
-            tracing::info!(shard = shard.id, client = %peer.ip(), "refused: {why}");
-            let reply = format!("421 4.7.0 {hostname} Error: {why}, try again later\r\n");
-            let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
+            tracing::info!(shard = shard.id, client = %peer.ip(), "refused: {refusal:?}");
+            let reply = crate::smtp::connection_refused(&config.hostname);
+            let _ = write_all(&mut stream, &reply, WRITE_TIMEOUT).await;
             return;
         }
     };
@@ -98,7 +92,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 while held_body_bytes == 0 && shard.data_bytes_over_cap() {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
-                let between_transactions = session.is_between_transactions();
+                let between_transactions = !session.in_transaction();
                 let read = future::or(
                     async {
                         Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await)
@@ -117,8 +111,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 .await;
                 let n = match read {
                     None => {
-                        let reply = format!("421 4.3.2 {hostname} Service shutting down\r\n");
-                        let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
+                        session.shutting_down();
+                        let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
                         break "shutdown";
                     }
                     Some(ReadOutcome::Data(n)) => n,
@@ -127,9 +121,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         break "peer closed";
                     }
                     Some(ReadOutcome::TimedOut) => {
-                        let reply = format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n");
-                        let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
-                        session.peer_closed();
+                        session.timed_out();
+                        let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
                         break "idle timeout";
                     }
                     Some(ReadOutcome::Failed(_)) => {
@@ -150,9 +143,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         && (received_bytes - at_bytes)
                             < MIN_DATA_RATE_BYTES_PER_SEC * elapsed.as_secs()
                     {
-                        let reply = format!("421 4.4.2 {hostname} Error: data rate too slow\r\n");
-                        let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
-                        session.peer_closed();
+                        session.timed_out();
+                        let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
                         break "too slow";
                     }
                 } else {

@@ -25,5 +25,6 @@ mod dialogue_tests;
 mod session_tests;
 
 pub use session::{
-    Action, Discarded, PeerInfo, Recipient, Session, SessionParams, StoreFailure, Transaction,
+    connection_refused, Action, Discarded, PeerInfo, Recipient, Session, SessionParams,
+    StoreFailure, Transaction,
 };

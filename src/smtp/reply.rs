@@ -203,6 +203,12 @@ pub mod replies {
         E::new(4, 3, 2),
         "Service shutting down, closing transmission channel",
     );
+    /// Idle too long (the loop's `idle_timeout_secs` or minimum data rate); the connection closes.
+    pub const TIMEOUT: Reply = Reply::new(
+        421,
+        E::new(4, 4, 2),
+        "Timeout exceeded, closing transmission channel",
+    );
     /// Error limit reached; the connection closes after this reply.
     pub const TOO_MANY_ERRORS: Reply = Reply::new(
         421,
@@ -284,6 +290,7 @@ mod tests {
             SHUTTING_DOWN,
             TOO_MANY_ERRORS,
             HTTP_REFUSED,
+            TIMEOUT,
         ] {
             let enhanced = reply.enhanced.expect("every reply but 354 has a code");
             assert_eq!(u16::from(enhanced.class), reply.code / 100, "{reply:?}");

@@ -34,9 +34,13 @@ use super::received::{self, Protocol, ReceivedFields};
 use super::reply::{replies, write_line, EnhancedCode, Reply};
 use crate::routing::{Directory, Route, RouteRefusal};
 
-/// Size of each input buffer. In DATA a full buffer becomes one piece of the body, so this
-/// is also the granularity of log appends.
-pub const INPUT_BUFFER_BYTES: usize = 64 * 1024;
+/// Size of each input buffer in DATA (and BDAT). A full buffer becomes one piece of the
+/// body, so this is also the granularity of log appends.
+pub const DATA_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Size of the input buffer between messages: room for a pipelined command group, small
+/// enough that ten thousand idle connections cost tens of megabytes, not hundreds.
+pub const COMMAND_BUFFER_BYTES: usize = 4 * 1024;
 
 /// Reading pauses while more replies than this are unsent (RFC 2920 pipelining must not
 /// grow memory without bound), and command processing pauses with it.
@@ -46,12 +50,29 @@ pub const MAX_UNSENT_OUTPUT_BYTES: usize = 64 * 1024;
 /// client this confused is broken or probing.
 pub const MAX_ERRORS: u32 = 10;
 
+/// The whole reply to a connection refused before any session exists (over
+/// `max_connections` or `max_connections_per_ip`): the loop writes it and closes.
+pub fn connection_refused(hostname: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    let text = format!("{hostname} Too many connections, try again later");
+    write_line(
+        &mut out,
+        421,
+        false,
+        Some(EnhancedCode::new(4, 7, 0)),
+        text.as_bytes(),
+    );
+    out
+}
+
 /// Everything a session needs from configuration; built once per shard from Config.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
     /// Our name: the greeting, EHLO reply and Received headers.
     pub hostname: String,
-    /// Largest message accepted, in octets as transmitted; advertised as SIZE.
+    /// Largest message accepted; advertised as SIZE. DATA bodies count as transmitted
+    /// (dot-stuffed: one octet more per line that starts with a dot than RFC 1870 counts,
+    /// the price of never unstuffing); BDAT bodies count as received.
     pub max_message_size: u64,
     /// Recipients per transaction; beyond it RCPT gets 452 4.5.3.
     pub max_recipients: usize,
@@ -247,8 +268,8 @@ pub struct Session {
     params: Rc<SessionParams>,
     /// The client.
     peer: PeerInfo,
-    /// Current input buffer; always `INPUT_BUFFER_BYTES` long and initialised, so the loop
-    /// can read into its spare part directly.
+    /// Current input buffer: `COMMAND_BUFFER_BYTES` between messages, `DATA_BUFFER_BYTES`
+    /// in DATA/BDAT; always initialised, so the loop can read into its spare part directly.
     input: Vec<u8>,
     /// Bytes of `input` holding received data.
     filled: usize,
@@ -272,8 +293,8 @@ pub struct Session {
     body_bytes_copied: u64,
 }
 
-fn fresh_buffer() -> Vec<u8> {
-    vec![0; INPUT_BUFFER_BYTES]
+fn fresh_buffer(size_bytes: usize) -> Vec<u8> {
+    vec![0; size_bytes]
 }
 
 impl Session {
@@ -285,7 +306,7 @@ impl Session {
         Session {
             params,
             peer,
-            input: fresh_buffer(),
+            input: fresh_buffer(COMMAND_BUFFER_BYTES),
             filled: 0,
             consumed: 0,
             output,
@@ -400,12 +421,36 @@ impl Session {
         matches!(self.phase, Phase::Data(_) | Phase::Bdat(_))
     }
 
-    /// True when no transaction is open and no input waits: a draining server may say
-    /// goodbye (421) without cutting a client off mid-transaction.
-    pub fn is_between_transactions(&self) -> bool {
-        matches!(self.phase, Phase::Command)
-            && self.envelope.is_none()
-            && self.consumed == self.filled
+    /// The loop's idle timer (or minimum data rate) fired: queues 421 4.4.2 and closes.
+    /// Returns the unfinished transaction thrown away, as [`Session::peer_closed`] does.
+    pub fn timed_out(&mut self) -> Option<Discarded> {
+        self.end_with(replies::TIMEOUT)
+    }
+
+    /// The server is draining: queues 421 4.3.2 and closes. The loop calls this when the
+    /// session is between transactions or when the grace period is over; an unfinished
+    /// transaction is thrown away, never half-stored.
+    pub fn shutting_down(&mut self) -> Option<Discarded> {
+        self.end_with(replies::SHUTTING_DOWN)
+    }
+
+    /// True while a transaction is open (after MAIL, until its end or RSET) or a store is
+    /// in flight: the loop's drain waits for these.
+    pub fn in_transaction(&self) -> bool {
+        self.envelope.is_some()
+            || matches!(
+                self.phase,
+                Phase::Data(_) | Phase::Bdat(_) | Phase::AwaitingStore
+            )
+    }
+
+    fn end_with(&mut self, reply: Reply) -> Option<Discarded> {
+        if matches!(self.phase, Phase::Closed) {
+            return None;
+        }
+        let discarded = self.peer_closed();
+        reply.write_to(&mut self.output);
+        discarded
     }
 
     /// Body bytes copied in user space so far: 0 for DATA unless the client sent body
@@ -518,18 +563,31 @@ impl Session {
         let parsed = command::parse(&input[start..start + line_len - 2]);
         self.handle(parsed);
         self.input = input;
-        if let Phase::Data(_) = self.phase {
-            self.start_body_at_buffer_front();
+        let body_follows = match &self.phase {
+            Phase::Data(_) => true,
+            Phase::Bdat(chunk) => {
+                self.input.len() < DATA_BUFFER_BYTES
+                    && chunk.remaining_bytes > (self.input.len() - self.consumed) as u64
+            }
+            _ => false,
+        };
+        if body_follows {
+            self.move_to_data_buffer();
         }
         true
     }
 
-    /// DATA bodies start at offset 0 of an input buffer so that whole buffers can become
-    /// body pieces. Bytes the client sent right behind DATA are moved (and counted).
-    fn start_body_at_buffer_front(&mut self) {
-        let early = self.filled - self.consumed;
-        self.body_bytes_copied += early as u64;
-        self.compact_input();
+    /// DATA bodies start at offset 0 of a data buffer so that whole buffers can become
+    /// body pieces, and big BDAT chunks are read in data-sized pieces. Body bytes the
+    /// client sent right behind the command are moved (and counted).
+    fn move_to_data_buffer(&mut self) {
+        let early = &self.input[self.consumed..self.filled];
+        self.body_bytes_copied += early.len() as u64;
+        let mut data_buffer = fresh_buffer(DATA_BUFFER_BYTES);
+        data_buffer[..early.len()].copy_from_slice(early);
+        self.filled = early.len();
+        self.consumed = 0;
+        self.input = data_buffer;
     }
 
     fn discard_long_line(&mut self) -> bool {
@@ -750,8 +808,10 @@ impl Session {
                 if self.filled == self.input.len() {
                     if keep {
                         // The zero-copy hand-over: the whole buffer becomes body.
-                        data.body
-                            .push(mem::replace(&mut self.input, fresh_buffer()));
+                        data.body.push(mem::replace(
+                            &mut self.input,
+                            fresh_buffer(DATA_BUFFER_BYTES),
+                        ));
                     }
                     self.filled = 0;
                     self.consumed = 0;
@@ -774,8 +834,8 @@ impl Session {
                 if refusal.is_none() {
                     // Pipelined commands behind the terminator go to a fresh buffer so this
                     // one can be moved into the body whole.
-                    let mut next = fresh_buffer();
                     let rest = self.filled - end;
+                    let mut next = fresh_buffer(rest.max(COMMAND_BUFFER_BYTES));
                     next[..rest].copy_from_slice(&self.input[end..self.filled]);
                     let mut last = mem::replace(&mut self.input, next);
                     last.truncate(end);
@@ -904,15 +964,15 @@ fn truncate_pieces(pieces: &mut Vec<Vec<u8>>, mut n: usize) {
 }
 
 /// Stuffs `input` into the last piece, starting a new piece once one reaches
-/// `INPUT_BUFFER_BYTES` so BDAT bodies have the same granularity as DATA bodies.
+/// `DATA_BUFFER_BYTES` so BDAT bodies have the same granularity as DATA bodies.
 fn stuff_into_pieces(stuffer: &mut Stuffer, mut input: &[u8], pieces: &mut Vec<Vec<u8>>) {
     while !input.is_empty() {
         let room = match pieces.last() {
-            Some(last) if last.len() < INPUT_BUFFER_BYTES => INPUT_BUFFER_BYTES - last.len(),
+            Some(last) if last.len() < DATA_BUFFER_BYTES => DATA_BUFFER_BYTES - last.len(),
             _ => {
                 // Room for the occasional extra dot without reallocating.
-                pieces.push(Vec::with_capacity(INPUT_BUFFER_BYTES + 1024));
-                INPUT_BUFFER_BYTES
+                pieces.push(Vec::with_capacity(DATA_BUFFER_BYTES + 1024));
+                DATA_BUFFER_BYTES
             }
         };
         let (now, later) = input.split_at(room.min(input.len()));

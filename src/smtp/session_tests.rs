@@ -241,10 +241,10 @@ fn data_bodies_move_whole_buffers_without_copies() {
     assert_eq!(harness.session.body_bytes_copied(), 0);
     // Every piece but the last is a full input buffer.
     let pieces = &stored.transaction.body;
-    assert_eq!(pieces.len(), body.len().div_ceil(INPUT_BUFFER_BYTES));
+    assert_eq!(pieces.len(), body.len().div_ceil(DATA_BUFFER_BYTES));
     assert!(pieces[..pieces.len() - 1]
         .iter()
-        .all(|p| p.len() == INPUT_BUFFER_BYTES));
+        .all(|p| p.len() == DATA_BUFFER_BYTES));
 }
 
 #[test]
@@ -256,7 +256,7 @@ fn terminator_split_across_buffers_is_cut_from_the_right_piece() {
             b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n",
             usize::MAX,
         );
-        let mut body = vec![b'x'; INPUT_BUFFER_BYTES - 4 + extra];
+        let mut body = vec![b'x'; DATA_BUFFER_BYTES - 4 + extra];
         body.extend_from_slice(b"\r\n");
         let mut wire = body.clone();
         wire.extend_from_slice(b".\r\n");
@@ -705,4 +705,94 @@ fn received_header_names_the_session() {
         "Received: from client.test ([192.0.2.7])\r\n\tby mx.example.test (ringmail) with ESMTP id Q1\r\n\
          \tfor <bob@example.test>;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
     );
+}
+
+#[test]
+fn timeouts_and_shutdown_close_with_421() {
+    let mut harness = Harness::standard();
+    harness.send(b"HELO c\r\nMAIL FROM:<>\r\n", usize::MAX);
+    assert!(harness.session.in_transaction());
+    assert_eq!(
+        harness.session.timed_out(),
+        Some(Discarded {
+            recipients: 0,
+            body_bytes: 0
+        })
+    );
+    harness.drive();
+    assert!(harness.closed);
+    let lines = harness.lines();
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("421 4.4.2 Timeout exceeded, closing transmission channel")
+    );
+    // Once closed, nothing more is queued.
+    assert_eq!(harness.session.shutting_down(), None);
+    assert!(harness.session.output().is_empty());
+
+    let mut idle = Harness::standard();
+    assert!(!idle.session.in_transaction());
+    assert_eq!(idle.session.shutting_down(), None);
+    idle.drive();
+    assert_eq!(
+        idle.lines()[1..],
+        ["421 4.3.2 Service shutting down, closing transmission channel"]
+    );
+    assert!(idle.closed);
+}
+
+#[test]
+fn refused_connections_get_421_with_our_name() {
+    assert_eq!(
+        connection_refused(HOSTNAME),
+        b"421 4.7.0 mx.example.test Too many connections, try again later\r\n"
+    );
+}
+
+#[test]
+fn idle_sessions_hold_small_buffers() {
+    let mut harness = Harness::standard();
+    assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
+    harness.send(
+        b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n",
+        usize::MAX,
+    );
+    assert_eq!(harness.session.input_buffer().len(), DATA_BUFFER_BYTES);
+    harness.send(b"x\r\n.\r\n", usize::MAX);
+    assert_eq!(harness.stored.len(), 1);
+    assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn arbitrary_input_never_panics_or_grows_replies(
+        input in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::Just(b"EHLO c\r\n".to_vec()),
+                proptest::prelude::Just(b"MAIL FROM:<>\r\n".to_vec()),
+                proptest::prelude::Just(b"RCPT TO:<alice@example.test>\r\n".to_vec()),
+                proptest::prelude::Just(b"DATA\r\n".to_vec()),
+                proptest::prelude::Just(b"BDAT 3\r\n".to_vec()),
+                proptest::prelude::Just(b"\r\n.\r\n".to_vec()),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..50),
+            ],
+            0..30,
+        ),
+        chunk in 1usize..100,
+    ) {
+        let mut harness = Harness::standard();
+        harness.send(&input.concat(), chunk);
+        proptest::prop_assert!(harness.session.output().len() <= MAX_UNSENT_OUTPUT_BYTES + 1024);
+        for stored in &harness.stored {
+            // A stored body never holds a terminator before its end.
+            let mut framed = stored.body.clone();
+            framed.extend_from_slice(b".\r\n");
+            let mut scanner = crate::smtp::data::DataScanner::new();
+            proptest::prop_assert_eq!(
+                scanner.scan(&framed),
+                crate::smtp::data::ScanOutcome::End { consumed: framed.len() }
+            );
+        }
+    }
 }
