@@ -393,6 +393,11 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
     if plan.listen.port() == 0 {
         anyhow::bail!("sink needs a fixed port: every thread binds the same one (SO_REUSEPORT)");
     }
+    // Every thread binds with SO_REUSEPORT, which would let us share a port with another
+    // server that also set it (and silently take part of its connections). A plain bind
+    // first fails if anyone is listening there.
+    std::net::TcpListener::bind(plan.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.listen))?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
