@@ -329,7 +329,12 @@ async fn mailbox(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(),
             if matches!(verdict, Some(Verdict::Mismatch | Verdict::MissingHeader)) {
                 Live::add(&state.live.errors, 1);
                 if stats.verify_mismatches + stats.verify_missing_header <= MAX_PRINTED_ERRORS {
-                    eprintln!("loadgen pop3: {user} message {number}: {verdict:?}");
+                    let what = if verdict == Some(Verdict::Mismatch) {
+                        "body does not match its X-Loadgen-Checksum"
+                    } else {
+                        "no X-Loadgen-Checksum header"
+                    };
+                    eprintln!("loadgen pop3: {user} message {number}: {what}");
                 }
             }
             stats.messages_ok += 1;
