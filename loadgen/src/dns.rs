@@ -237,6 +237,16 @@ pub fn answer(zone: &Zone, query: &[u8], transport: Transport) -> Option<Vec<u8>
 
 /// Serves `zone` on UDP and TCP at `listen` until the process is killed.
 pub fn run(listen: SocketAddr, zone: Zone) -> anyhow::Result<()> {
+    // glommio binds with SO_REUSEPORT, which could share a port with another server that
+    // set it too; plain binds first fail if the port is taken, and resolve port 0.
+    let listen = {
+        let udp = std::net::UdpSocket::bind(listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on udp {listen}: {e}"))?;
+        let bound = udp.local_addr()?;
+        std::net::TcpListener::bind(bound)
+            .map_err(|e| anyhow::anyhow!("cannot listen on tcp {bound}: {e}"))?;
+        bound
+    };
     let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("dns")
         .io_memory(512 * 1024)
@@ -245,10 +255,8 @@ pub fn run(listen: SocketAddr, zone: Zone) -> anyhow::Result<()> {
     let result: std::io::Result<()> = executor.run(async move {
         let zone = Rc::new(zone);
         let udp = UdpSocket::bind(listen).map_err(std::io::Error::from)?;
-        // With port 0 the kernel picks UDP's port; TCP then binds that same one.
-        let bound = udp.local_addr().map_err(std::io::Error::from)?;
-        let tcp = TcpListener::bind(bound).map_err(std::io::Error::from)?;
-        println!("dns listening on {bound} (udp and tcp)");
+        let tcp = TcpListener::bind(listen).map_err(std::io::Error::from)?;
+        println!("dns listening on {listen} (udp and tcp)");
         let tcp_zone = zone.clone();
         glommio::spawn_local(async move {
             loop {

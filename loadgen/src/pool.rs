@@ -17,6 +17,16 @@ const IO_MEMORY_BYTES: usize = 512 * 1024;
 /// How often the status line is printed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Counts a thread as finished when dropped, so a thread that panics (for instance on a
+/// closed stderr) still lets the main thread stop waiting.
+struct Done(Arc<AtomicUsize>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// Runs `make_future(thread_index)` on `threads` executors and collects their results.
 /// Prints a status line from `live` every second until all threads are done.
 pub fn run_threads<G, F, T>(
@@ -42,10 +52,10 @@ where
             .on_all_shards(move || {
                 let index = next_index.fetch_add(1, Ordering::Relaxed);
                 let future = make_future(index);
-                let finished = finished.clone();
+                let done = Done(finished.clone());
                 async move {
                     let result = future.await;
-                    finished.fetch_add(1, Ordering::Release);
+                    drop(done);
                     result
                 }
             })

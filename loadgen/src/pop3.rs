@@ -53,18 +53,32 @@ pub fn parse_status(input: &[u8]) -> Result<Option<(bool, usize)>, SessionError>
 /// holding only `.`. A `-ERR` response is just its status line. Returns whether it was
 /// `+OK` and the whole length; the payload lies between the status line and the final
 /// `.` CRLF (see `multiline_payload`).
-pub fn parse_multiline(input: &[u8]) -> Result<Option<(bool, usize)>, SessionError> {
+///
+/// `searched` carries how far a previous call on a shorter prefix of the same response
+/// got, so a large message arriving in many reads is scanned once, not once per read.
+pub fn parse_multiline(
+    input: &[u8],
+    searched: &mut usize,
+) -> Result<Option<(bool, usize)>, SessionError> {
     let Some((ok, status_len)) = parse_status(input)? else {
         return Ok(None);
     };
     if !ok {
         return Ok(Some((false, status_len)));
     }
-    let payload = &input[status_len..];
-    if payload.starts_with(b".\r\n") {
+    if input[status_len..].starts_with(b".\r\n") {
         return Ok(Some((true, status_len + 3)));
     }
-    Ok(memchr::memmem::find(payload, b"\r\n.\r\n").map(|at| (true, status_len + at + 5)))
+    // The status line's own CRLF may open the terminator of an empty payload.
+    let from = (*searched).max(status_len.saturating_sub(2));
+    match memchr::memmem::find(&input[from..], b"\r\n.\r\n") {
+        Some(at) => Ok(Some((true, from + at + 5))),
+        None => {
+            // The terminator may straddle the end: re-scan its first four octets next time.
+            *searched = input.len().saturating_sub(4).max(from);
+            Ok(None)
+        }
+    }
 }
 
 /// The payload of a complete `+OK` multi-line response: after the status line, before
@@ -243,9 +257,10 @@ async fn multiline(
 ) -> Result<(bool, Range<usize>), SessionError> {
     conn.send(command).await?;
     let mut ok = false;
+    let mut searched = 0;
     let range = conn
         .read_frame(|input| {
-            Ok(parse_multiline(input)?.map(|(is_ok, len)| {
+            Ok(parse_multiline(input, &mut searched)?.map(|(is_ok, len)| {
                 ok = is_ok;
                 len
             }))
@@ -329,7 +344,12 @@ async fn mailbox(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(),
             if matches!(verdict, Some(Verdict::Mismatch | Verdict::MissingHeader)) {
                 Live::add(&state.live.errors, 1);
                 if stats.verify_mismatches + stats.verify_missing_header <= MAX_PRINTED_ERRORS {
-                    eprintln!("loadgen pop3: {user} message {number}: {verdict:?}");
+                    let what = if verdict == Some(Verdict::Mismatch) {
+                        "body does not match its X-Loadgen-Checksum"
+                    } else {
+                        "no X-Loadgen-Checksum header"
+                    };
+                    eprintln!("loadgen pop3: {user} message {number}: {what}");
                 }
             }
             stats.messages_ok += 1;
@@ -382,7 +402,7 @@ mod tests {
         ];
         for (input, want) in table {
             assert_eq!(
-                parse_multiline(input).unwrap(),
+                parse_multiline(input, &mut 0).unwrap(),
                 *want,
                 "{:?}",
                 String::from_utf8_lossy(input)
@@ -412,7 +432,7 @@ mod tests {
         crate::message::build_message(&mut raw, "f@x", "t@y", "id@l", 2048, 9).unwrap();
         let mut response = b"+OK 2048 octets\r\nReturn-Path: <f@x>\r\n".to_vec();
         crate::message::dot_stuff_into(&raw, &mut response);
-        let (ok, len) = parse_multiline(&response).unwrap().unwrap();
+        let (ok, len) = parse_multiline(&response, &mut 0).unwrap().unwrap();
         assert!(ok);
         assert_eq!(len, response.len());
         assert_eq!(
@@ -421,10 +441,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn resumed_search_finds_terminators_across_reads() {
+        let response = b"+OK\r\nline one\r\n..two\r\n.\r\n";
+        for first in 0..response.len() {
+            let mut searched = 0;
+            let early = parse_multiline(&response[..first], &mut searched).unwrap();
+            assert_eq!(early, None, "prefix of {first}");
+            assert!(searched <= first);
+            let whole = parse_multiline(response, &mut searched).unwrap();
+            assert_eq!(whole, Some((true, response.len())), "split at {first}");
+        }
+        let mut searched = 0;
+        assert_eq!(parse_multiline(b"+OK\r\n.", &mut searched).unwrap(), None);
+        assert_eq!(
+            parse_multiline(b"+OK\r\n.\r\n", &mut searched).unwrap(),
+            Some((true, 8))
+        );
+    }
+
     proptest! {
         #[test]
+        fn split_reads_frame_like_whole_ones(input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b'a')], 0..60), split in 0usize..60) {
+            let mut input = input;
+            input.splice(0..0, b"+OK\r\n".iter().copied());
+            let split = split.min(input.len());
+            let whole = parse_multiline(&input, &mut 0).unwrap();
+            let mut searched = 0;
+            if parse_multiline(&input[..split], &mut searched).unwrap().is_none() {
+                prop_assert_eq!(parse_multiline(&input, &mut searched).unwrap(), whole);
+            }
+        }
+
+        #[test]
         fn framing_never_panics(input in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Ok(Some((_, len))) = parse_multiline(&input) {
+            if let Ok(Some((_, len))) = parse_multiline(&input, &mut 0) {
                 prop_assert!(len <= input.len());
                 let _ = multiline_payload(&input[..len]);
             }

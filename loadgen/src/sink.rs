@@ -45,18 +45,22 @@ pub enum Fate {
     PermFail,
 }
 
-/// Decides transaction `index`'s fate so that, in every block of 10,000 consecutive
-/// transactions, exactly the requested shares (in basis points) fail, spread out rather
-/// than bunched (7919 is prime, so `index * 7919 mod 10000` visits every slot once).
-pub fn fate(index: u64, tempfail_basis_points: u32, permfail_basis_points: u32) -> Fate {
-    let slot = (index % 10_000 * 7919 % 10_000) as u32;
-    if slot < tempfail_basis_points {
-        Fate::TempFail
-    } else if slot < tempfail_basis_points + permfail_basis_points {
-        Fate::PermFail
-    } else {
-        Fate::Accept
+/// Decides the fate of the next transaction from what was decided so far, so that after
+/// every transaction the counts are within one of the requested shares (in basis points):
+/// a thread's first 100 transactions at 20 % tempfail hold 20 tempfails, evenly spread.
+/// Permanent failures are due at rounded rather than floored points, so the two kinds
+/// rarely fall due together (when they do, the 5xx follows one transaction later).
+pub fn fate(counts: &Counts, tempfail_basis_points: u32, permfail_basis_points: u32) -> Fate {
+    let decided = counts.accepted + counts.tempfailed + counts.permfailed + 1;
+    let tempfail_due = decided * u64::from(tempfail_basis_points) / 10_000;
+    if counts.tempfailed < tempfail_due {
+        return Fate::TempFail;
     }
+    let permfail_due = (decided * u64::from(permfail_basis_points) + 5_000) / 10_000;
+    if counts.permfailed < permfail_due {
+        return Fate::PermFail;
+    }
+    Fate::Accept
 }
 
 /// The sink's policy, the same for every session.
@@ -72,7 +76,7 @@ pub struct Policy {
     pub keep: bool,
 }
 
-/// Per-thread counts, also the transaction index for `fate`.
+/// Per-thread counts; `fate` decides from them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Transactions that reached end of data.
@@ -83,8 +87,10 @@ pub struct Counts {
     pub accepted_bytes: u64,
     /// Transactions answered 451.
     pub tempfailed: u64,
-    /// Transactions answered 554 or 552.
+    /// Transactions answered 554 by the `--permfail` share.
     pub permfailed: u64,
+    /// Transactions answered 552: larger than the advertised SIZE.
+    pub too_big: u64,
 }
 
 /// Where the session is.
@@ -301,7 +307,7 @@ impl Session {
             Fate::PermFail
         } else {
             fate(
-                index,
+                counts,
                 self.policy.tempfail_basis_points,
                 self.policy.permfail_basis_points,
             )
@@ -323,7 +329,7 @@ impl Session {
                 false
             }
             Fate::PermFail if too_big => {
-                counts.permfailed += 1;
+                counts.too_big += 1;
                 replies.extend_from_slice(b"552 5.3.4 Message too big\r\n");
                 false
             }
@@ -366,7 +372,7 @@ struct Totals {
     accepted_bytes: AtomicU64,
     /// Transactions answered 4xx.
     tempfailed: AtomicU64,
-    /// Transactions answered 5xx.
+    /// Transactions answered 5xx (the --permfail share and messages over SIZE).
     permfailed: AtomicU64,
     /// Kept messages that could not be written.
     keep_errors: AtomicU64,
@@ -393,6 +399,11 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
     if plan.listen.port() == 0 {
         anyhow::bail!("sink needs a fixed port: every thread binds the same one (SO_REUSEPORT)");
     }
+    // Every thread binds with SO_REUSEPORT, which would let us share a port with another
+    // server that also set it (and silently take part of its connections). A plain bind
+    // first fails if anyone is listening there.
+    std::net::TcpListener::bind(plan.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.listen))?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
@@ -581,9 +592,10 @@ impl Connection {
         totals
             .tempfailed
             .fetch_add(after.tempfailed - before.tempfailed, Ordering::Relaxed);
-        totals
-            .permfailed
-            .fetch_add(after.permfailed - before.permfailed, Ordering::Relaxed);
+        totals.permfailed.fetch_add(
+            after.permfailed + after.too_big - before.permfailed - before.too_big,
+            Ordering::Relaxed,
+        );
     }
 
     /// Writes the kept message, unstuffed and without its terminator, with glommio's file
@@ -730,29 +742,45 @@ mod tests {
             replies.ends_with("552 5.3.4 Message too big\r\n"),
             "{replies}"
         );
-        assert_eq!(counts.permfailed, 1);
+        assert_eq!(counts.too_big, 1);
+    }
+
+    /// Runs `fate` over `n` transactions and returns (tempfailed, permfailed).
+    fn decide(n: u64, temp: u32, perm: u32) -> (u64, u64) {
+        let mut counts = Counts::default();
+        for _ in 0..n {
+            match fate(&counts, temp, perm) {
+                Fate::TempFail => counts.tempfailed += 1,
+                Fate::PermFail => counts.permfailed += 1,
+                Fate::Accept => counts.accepted += 1,
+            }
+        }
+        (counts.tempfailed, counts.permfailed)
     }
 
     #[test]
     fn fates_have_exact_shares() {
-        let mut temp = 0;
-        let mut perm = 0;
-        for index in 0..10_000 {
-            match fate(index, 1000, 250) {
-                Fate::TempFail => temp += 1,
-                Fate::PermFail => perm += 1,
-                Fate::Accept => {}
-            }
+        assert_eq!(decide(10_000, 1000, 250), (1000, 250));
+        assert_eq!(decide(100, 2000, 1000), (20, 10));
+        assert_eq!(decide(100, 0, 0), (0, 0));
+        assert_eq!(decide(100, 10_000, 0), (100, 0));
+        assert_eq!(decide(100, 0, 10_000), (0, 100));
+        assert_eq!(decide(100, 5_000, 5_000), (50, 50));
+        // Spread out: the first 10 transactions at 10 % hold exactly one failure.
+        assert_eq!(decide(10, 1000, 0), (1, 0));
+        assert_eq!(decide(9, 1000, 0), (0, 0));
+    }
+
+    proptest! {
+        #[test]
+        fn fates_stay_within_one_of_the_shares(n in 1u64..3000, temp in 0u32..=10_000, perm_share in 0u32..=10_000) {
+            let perm = perm_share.min(10_000 - temp);
+            let (tempfailed, permfailed) = decide(n, temp, perm);
+            let temp_exact = n * u64::from(temp) / 10_000;
+            let perm_exact = n * u64::from(perm) / 10_000;
+            prop_assert_eq!(tempfailed, temp_exact);
+            prop_assert!(permfailed + 1 >= perm_exact && permfailed <= perm_exact + 1, "{} vs {}", permfailed, perm_exact);
         }
-        assert_eq!((temp, perm), (1000, 250));
-        assert_eq!(fate(5, 0, 0), Fate::Accept);
-        assert_eq!(fate(5, 10_000, 0), Fate::TempFail);
-        assert_eq!(fate(5, 0, 10_000), Fate::PermFail);
-        // Spread out: among the first 100 transactions about 10 % fail, not 0 or 100.
-        let early = (0..100)
-            .filter(|&i| fate(i, 1000, 0) == Fate::TempFail)
-            .count();
-        assert!((5..=15).contains(&early), "{early}");
     }
 
     #[test]

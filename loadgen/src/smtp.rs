@@ -330,19 +330,42 @@ async fn session(
         expect(conn, "HELO", code, range, 250)?;
         false
     };
-    for _ in 0..plan.per_connection {
-        let Some(ticket) = state.take() else { break };
-        if let Some(intended) = ticket.intended {
-            let now = Instant::now();
-            if intended > now {
-                glommio::timer::sleep(intended - now).await;
-            } else if is_late(intended, now) {
-                state.stats.borrow_mut().late_arrivals += 1;
+    // Chaining the next envelope behind a message's content saves a round trip per
+    // message (RFC 2920 §3.1 allows content as the first command of a group). Open loop
+    // does not chain: each arrival must wait for its own intended time.
+    let chain = pipelining && plan.rate_per_sec.is_none();
+    let mut chained: Option<(Ticket, Instant)> = None;
+    let mut done = 0;
+    loop {
+        let (ticket, started, envelope_sent) = match chained.take() {
+            Some((ticket, started)) => (ticket, started, true),
+            None => {
+                if done >= plan.per_connection {
+                    break;
+                }
+                let Some(ticket) = state.take() else { break };
+                if let Some(intended) = ticket.intended {
+                    let now = Instant::now();
+                    if intended > now {
+                        glommio::timer::sleep(intended - now).await;
+                    } else if is_late(intended, now) {
+                        state.stats.borrow_mut().late_arrivals += 1;
+                    }
+                }
+                let started = ticket.intended.unwrap_or_else(Instant::now);
+                (ticket, started, false)
             }
-        }
-        let started = ticket.intended.unwrap_or_else(Instant::now);
+        };
+        done += 1;
+        let chain_next = chain && done < plan.per_connection;
+        let exchange = Exchange {
+            ticket: &ticket,
+            pipelining,
+            envelope_sent,
+            chain_next,
+        };
         Live::add(&state.live.in_flight, 1);
-        let outcome = transaction(state, conn, buffers, &ticket, pipelining).await;
+        let outcome = transaction(state, conn, buffers, exchange, &mut chained).await;
         Live::sub(&state.live.in_flight, 1);
         let latency = started.elapsed();
         let mut stats = state.stats.borrow_mut();
@@ -369,17 +392,38 @@ async fn session(
     Ok(())
 }
 
-/// Sends one message: MAIL, RCPT, DATA (pipelined or not), then the content.
+/// How one transaction goes on the wire.
+struct Exchange<'a> {
+    /// The message slot.
+    ticket: &'a Ticket,
+    /// Send MAIL, RCPT and DATA in one write.
+    pipelining: bool,
+    /// The envelope already went out behind the previous message's content.
+    envelope_sent: bool,
+    /// Take the next slot and send its envelope behind this message's content.
+    chain_next: bool,
+}
+
+impl ThreadState {
+    /// The recipient of a message slot: round-robin over the pattern across all threads.
+    fn recipient(&self, ticket: &Ticket) -> (u64, String) {
+        let index = ticket.sequence * self.plan.threads as u64 + self.thread_index;
+        (index, self.plan.to.nth(index))
+    }
+}
+
+/// Sends one message: MAIL, RCPT, DATA (pipelined or not), then the content; with
+/// `chain_next`, the next slot's envelope follows the content and is left in `chained`.
 async fn transaction(
     state: &ThreadState,
     conn: &mut Conn,
     buffers: &mut Buffers,
-    ticket: &Ticket,
-    pipelining: bool,
+    exchange: Exchange<'_>,
+    chained: &mut Option<(Ticket, Instant)>,
 ) -> Result<Outcome, SessionError> {
     let plan = &state.plan;
-    let recipient_index = ticket.sequence * plan.threads as u64 + state.thread_index;
-    let to = plan.to.nth(recipient_index);
+    let ticket = exchange.ticket;
+    let (recipient_index, to) = state.recipient(ticket);
     let message_id = format!(
         "{:x}.{}.{}@loadgen.invalid",
         plan.run_id, state.thread_index, ticket.sequence
@@ -398,8 +442,10 @@ async fn transaction(
     buffers.wire.clear();
     envelope_commands(&mut buffers.wire, &plan.from, &to);
     let mut refused = None;
-    if pipelining {
-        conn.send(&buffers.wire).await?;
+    if exchange.pipelining {
+        if !exchange.envelope_sent {
+            conn.send(&buffers.wire).await?;
+        }
         for step in ["MAIL", "RCPT"] {
             let (code, range) = read_reply(conn).await?;
             check_step(conn, step, code, range, &mut refused)?;
@@ -435,6 +481,13 @@ async fn transaction(
     }
     buffers.wire.clear();
     dot_stuff_into(&buffers.raw, &mut buffers.wire);
+    if exchange.chain_next {
+        if let Some(next) = state.take() {
+            let (_, next_to) = state.recipient(&next);
+            envelope_commands(&mut buffers.wire, &plan.from, &next_to);
+            *chained = Some((next, Instant::now()));
+        }
+    }
     conn.send(&buffers.wire).await?;
     let (code, range) = read_reply(conn).await?;
     check_step(conn, "end of data", code, range, &mut refused)?;

@@ -1,0 +1,35 @@
+#!/bin/bash
+# The loadgen Bar (issue 5): loadgen smtp -> loadgen sink must reach at least 2x the
+# msgs/s of Postfix's smtp-source -d -> smtp-sink, 1 KiB messages, 8 reused connections,
+# same machine, same run. Runs both pairs ROUNDS times, alternating, and prints msgs/s.
+# Usage: loadgen/bench/bar.sh [path/to/loadgen]   (needs the postfix package)
+set -euo pipefail
+LOADGEN=${1:-${CARGO_TARGET_DIR:-target}/release/loadgen}
+MESSAGES=${MESSAGES:-100000}
+ROUNDS=${ROUNDS:-2}
+PORT_PF=${PORT_PF:-2601}
+PORT_LG=${PORT_LG:-2600}
+LG_THREADS=${LG_THREADS:-}   # empty = online CPUs
+threads_flag=${LG_THREADS:+--threads $LG_THREADS}
+sink_pid=
+cleanup() { [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+
+for round in $(seq 1 "$ROUNDS"); do
+  smtp-sink -u nobody "127.0.0.1:$PORT_PF" 1000 & sink_pid=$!
+  sleep 0.5
+  start=$(date +%s.%N)
+  smtp-source -d -s 8 -m "$MESSAGES" -l 1024 -f from@x.test -t u7@bench.test "127.0.0.1:$PORT_PF"
+  end=$(date +%s.%N)
+  kill "$sink_pid"; wait "$sink_pid" 2>/dev/null || true; sink_pid=
+  echo "round $round smtp-source -> smtp-sink: $(echo "$MESSAGES / ($end - $start)" | bc -l | xargs printf '%.0f') msgs/s"
+
+  # shellcheck disable=SC2086
+  "$LOADGEN" sink --listen "127.0.0.1:$PORT_LG" --print-every-secs 0 $threads_flag >/dev/null & sink_pid=$!
+  sleep 0.5
+  # shellcheck disable=SC2086
+  "$LOADGEN" smtp --quiet --target "127.0.0.1:$PORT_LG" --connections 8 --messages "$MESSAGES" \
+    --size 1024 --to u7@bench.test --from from@x.test --pipelining $threads_flag --json /tmp/loadgen-bar.json >/dev/null
+  kill -INT "$sink_pid"; wait "$sink_pid" 2>/dev/null || true; sink_pid=
+  echo "round $round loadgen smtp -> loadgen sink: $(python3 -c 'import json;print(round(json.load(open("/tmp/loadgen-bar.json"))["msgs_per_sec"]))') msgs/s"
+done
