@@ -172,6 +172,12 @@ fn refusals_carry_their_codes() {
     assert!(c.command(&long).starts_with("500 5.5.2"));
     assert!(c.command("QUIT").starts_with("221"));
     assert!(pop3_retrieve_all(server.addr("pop3"), "alice@example.test").is_empty());
+    // One log line per rejection, with its code.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.stderr_lines().join("\n");
+    for code in ["code=550", "code=554", "code=452", "code=552"] {
+        assert!(log.contains(code), "{code} not logged: {log}");
+    }
 }
 
 #[test]

@@ -50,6 +50,10 @@ pub const MAX_UNSENT_OUTPUT_BYTES: usize = 64 * 1024;
 /// client this confused is broken or probing.
 pub const MAX_ERRORS: u32 = 10;
 
+/// Failure replies remembered for the loop between two drains; a client cannot make this
+/// grow, because the loop drains after every batch of input.
+pub const MAX_PENDING_REJECTIONS: usize = 64;
+
 /// The whole reply to a connection refused before any session exists (over
 /// `max_connections` or `max_connections_per_ip`): the loop writes it and closes.
 pub fn connection_refused(hostname: &str) -> Vec<u8> {
@@ -291,6 +295,8 @@ pub struct Session {
     pending_store: Option<Transaction>,
     /// Body bytes copied in user space (kept in every build: one add per copy).
     body_bytes_copied: u64,
+    /// Failure replies not yet drained by the loop (bounded by [`MAX_PENDING_REJECTIONS`]).
+    rejections: Vec<Reply>,
 }
 
 fn fresh_buffer(size_bytes: usize) -> Vec<u8> {
@@ -317,6 +323,7 @@ impl Session {
             errors: 0,
             pending_store: None,
             body_bytes_copied: 0,
+            rejections: Vec::new(),
         }
     }
 
@@ -453,6 +460,12 @@ impl Session {
         discarded
     }
 
+    /// Failure replies (4xx/5xx) queued since the last call, for the loop's log line and
+    /// counters: the session itself never logs.
+    pub fn drain_rejections(&mut self) -> std::vec::Drain<'_, Reply> {
+        self.rejections.drain(..)
+    }
+
     /// Body bytes copied in user space so far: 0 for DATA unless the client sent body
     /// bytes in the same packet as the DATA command; every byte for BDAT (stuffing).
     pub fn body_bytes_copied(&self) -> u64 {
@@ -489,6 +502,9 @@ impl Session {
     /// Queues a reply, counting permanent failures towards [`MAX_ERRORS`].
     fn reply(&mut self, reply: Reply) {
         reply.write_to(&mut self.output);
+        if reply.is_failure() && self.rejections.len() < MAX_PENDING_REJECTIONS {
+            self.rejections.push(reply);
+        }
         if reply.is_permanent_failure() {
             self.errors += 1;
             if self.errors >= MAX_ERRORS {
