@@ -25,8 +25,15 @@ struct WriteInFlight<'a, D: SegmentDir> {
 
 impl<D: SegmentDir> Drop for WriteInFlight<'_, D> {
     fn drop(&mut self) {
-        if let Some(seg) = self.store.state.borrow_mut().segments.get_mut(&self.seq) {
+        let mut st = self.store.state.borrow_mut();
+        if let Some(seg) = st.segments.get_mut(&self.seq) {
             seg.writes_in_flight -= 1;
+        }
+        st.writes_finished += 1;
+        let gathered = st.gather_until == Some(st.writes_finished);
+        drop(st);
+        if gathered {
+            self.store.changed.notify_all();
         }
     }
 }
@@ -278,7 +285,7 @@ impl<D: SegmentDir> Store<D> {
     async fn wait_durable(&self, seq: u64, ticket: u64) -> Result<(), StoreError> {
         loop {
             let lead = {
-                let st = self.state.borrow();
+                let mut st = self.state.borrow_mut();
                 let seg = &st.segments[&seq];
                 if seg.failed_round.is_some_and(|failed| failed <= ticket) {
                     return Err(StoreError::SyncFailed);
@@ -286,7 +293,13 @@ impl<D: SegmentDir> Store<D> {
                 if st.commit_rounds_completed >= ticket {
                     return Ok(());
                 }
-                !st.commit_in_flight
+                if st.commit_in_flight {
+                    false
+                } else {
+                    let started = st.writes_started;
+                    let until = *st.gather_until.get_or_insert(started);
+                    st.writes_finished >= until
+                }
             };
             if lead {
                 self.commit_round().await;
@@ -301,6 +314,7 @@ impl<D: SegmentDir> Store<D> {
         let (round, files) = {
             let mut st = self.state.borrow_mut();
             st.commit_in_flight = true;
+            st.gather_until = None;
             st.commit_rounds_started += 1;
             let files: Vec<(u64, Rc<D::File>)> = st
                 .segments
@@ -348,7 +362,8 @@ impl<D: SegmentDir> Store<D> {
     async fn reserve(&self, len: u64) -> Result<(u64, u64, Rc<D::File>, u32), StoreError> {
         loop {
             let must_roll = {
-                let mut st = self.state.borrow_mut();
+                let mut guard = self.state.borrow_mut();
+                let st = &mut *guard;
                 if st.rolling {
                     false
                 } else {
@@ -358,6 +373,7 @@ impl<D: SegmentDir> Store<D> {
                             let offset = seg.write_offset;
                             seg.write_offset += len;
                             seg.writes_in_flight += 1;
+                            st.writes_started += 1;
                             return Ok((seq, offset, seg.file.clone(), seg.name.salt));
                         }
                     }
