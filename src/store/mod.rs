@@ -322,6 +322,9 @@ struct Segment<F> {
     /// The first group-commit round (0 = a failed write) that failed on this file: it takes no
     /// more writes and no record not yet acknowledged in it ever will be.
     failed_round: Option<u64>,
+    /// The file was unlinked but the directory sync making that durable failed: the next
+    /// reclaim retries the sync before forgetting the segment.
+    unlinked: bool,
     /// Live data records located here.
     live_records: u64,
     /// Their encoded bytes.
