@@ -25,8 +25,15 @@ struct WriteInFlight<'a, D: SegmentDir> {
 
 impl<D: SegmentDir> Drop for WriteInFlight<'_, D> {
     fn drop(&mut self) {
-        if let Some(seg) = self.store.state.borrow_mut().segments.get_mut(&self.seq) {
+        let mut st = self.store.state.borrow_mut();
+        if let Some(seg) = st.segments.get_mut(&self.seq) {
             seg.writes_in_flight -= 1;
+        }
+        st.writes_finished += 1;
+        let gathered = st.gather_until == Some(st.writes_finished);
+        drop(st);
+        if gathered {
+            self.store.changed.notify_all();
         }
     }
 }
@@ -234,7 +241,9 @@ impl<D: SegmentDir> Store<D> {
         let in_flight = WriteInFlight { store: self, seq };
         let header_bytes = header.encode(salt);
         // Check the header before it is written, as recovery will check it after.
-        debug_assert_eq!(RecordHeader::decode(&header_bytes, salt), Ok(header));
+        if RecordHeader::decode(&header_bytes, salt) != Ok(header) {
+            return Err(StoreError::Corrupt(id));
+        }
         let mut result = write_all(&*file, header_bytes.to_vec(), offset).await;
         let mut pos = offset + record::HEADER_BYTES as u64;
         for piece in pieces {
@@ -276,9 +285,15 @@ impl<D: SegmentDir> Store<D> {
     /// Waits until commit round `ticket` (the first to begin after the record was written)
     /// completed, running rounds itself whenever none is in flight.
     async fn wait_durable(&self, seq: u64, ticket: u64) -> Result<(), StoreError> {
+        enum Next {
+            Lead,
+            Wait,
+            LetOthersReserve,
+        }
+        let mut yielded = false;
         loop {
-            let lead = {
-                let st = self.state.borrow();
+            let next = {
+                let mut st = self.state.borrow_mut();
                 let seg = &st.segments[&seq];
                 if seg.failed_round.is_some_and(|failed| failed <= ticket) {
                     return Err(StoreError::SyncFailed);
@@ -286,12 +301,29 @@ impl<D: SegmentDir> Store<D> {
                 if st.commit_rounds_completed >= ticket {
                     return Ok(());
                 }
-                !st.commit_in_flight
+                if st.commit_in_flight {
+                    Next::Wait
+                } else if st.gather_until.is_none() && !yielded {
+                    // The appenders woken by the last round are still queued: let them reserve
+                    // their space first, so that this round's gathering includes them.
+                    Next::LetOthersReserve
+                } else {
+                    let started = st.writes_started;
+                    let until = *st.gather_until.get_or_insert(started);
+                    if st.writes_finished >= until {
+                        Next::Lead
+                    } else {
+                        Next::Wait
+                    }
+                }
             };
-            if lead {
-                self.commit_round().await;
-            } else {
-                self.changed.wait().await;
+            match next {
+                Next::Lead => self.commit_round().await,
+                Next::Wait => self.changed.wait().await,
+                Next::LetOthersReserve => {
+                    yielded = true;
+                    futures_lite::future::yield_now().await;
+                }
             }
         }
     }
@@ -301,16 +333,16 @@ impl<D: SegmentDir> Store<D> {
         let (round, files) = {
             let mut st = self.state.borrow_mut();
             st.commit_in_flight = true;
+            st.gather_until = None;
             st.commit_rounds_started += 1;
-            let files: Vec<(u64, Rc<D::File>)> = st
-                .segments
-                .iter_mut()
-                .filter(|(_, seg)| seg.dirty && seg.failed_round.is_none())
-                .map(|(&seq, seg)| {
-                    seg.dirty = false;
-                    (seq, seg.file.clone())
-                })
-                .collect();
+            let mut files: Vec<(u64, Rc<D::File>)> = Vec::new();
+            for (&seq, seg) in st.segments.iter_mut().filter(|(_, seg)| seg.dirty) {
+                seg.dirty = false;
+                // A poisoned file is never synced again: nothing in it can become durable.
+                if seg.failed_round.is_none() {
+                    files.push((seq, seg.file.clone()));
+                }
+            }
             (st.commit_rounds_started, files)
         };
         let mut in_flight = RoundInFlight {
@@ -348,7 +380,8 @@ impl<D: SegmentDir> Store<D> {
     async fn reserve(&self, len: u64) -> Result<(u64, u64, Rc<D::File>, u32), StoreError> {
         loop {
             let must_roll = {
-                let mut st = self.state.borrow_mut();
+                let mut guard = self.state.borrow_mut();
+                let st = &mut *guard;
                 if st.rolling {
                     false
                 } else {
@@ -358,6 +391,7 @@ impl<D: SegmentDir> Store<D> {
                             let offset = seg.write_offset;
                             seg.write_offset += len;
                             seg.writes_in_flight += 1;
+                            st.writes_started += 1;
                             return Ok((seq, offset, seg.file.clone(), seg.name.salt));
                         }
                     }
@@ -431,6 +465,7 @@ impl<D: SegmentDir> Store<D> {
                 awaiting_sync: 0,
                 dirty: false,
                 failed_round: None,
+                unlinked: false,
                 live_records: 0,
                 live_bytes: 0,
                 data_ids: Vec::new(),

@@ -11,7 +11,10 @@
 //! Decisions worth knowing:
 //! - Group commit: one fdatasync round in flight at a time, covering every record whose writes
 //!   completed before it began; records written meanwhile wait for the next round. The first
-//!   appender that finds no round in flight runs the next one (no background task).
+//!   appender that finds no round in flight runs the next one (no background task), after
+//!   letting the record writes already started finish, so that a round covers the whole wave
+//!   of appenders woken by the previous one (this doubled records per fdatasync at 64
+//!   appenders; the wait is bounded by writes already issued, so it cannot starve).
 //! - The records of a batch are written concurrently, each from the caller's own buffers (one
 //!   io_uring write per piece plus one for the header): coalescing would copy every message once
 //!   more, and the measurements (see `benches/store.rs`) meet the bar without it.
@@ -319,6 +322,9 @@ struct Segment<F> {
     /// The first group-commit round (0 = a failed write) that failed on this file: it takes no
     /// more writes and no record not yet acknowledged in it ever will be.
     failed_round: Option<u64>,
+    /// The file was unlinked but the directory sync making that durable failed: the next
+    /// reclaim retries the sync before forgetting the segment.
+    unlinked: bool,
     /// Live data records located here.
     live_records: u64,
     /// Their encoded bytes.
@@ -365,6 +371,13 @@ struct State<F> {
     commit_rounds_started: u64,
     commit_rounds_completed: u64,
     commit_in_flight: bool,
+    /// Record writes started (reservations) and finished (written, failed or abandoned): a
+    /// would-be commit leader first lets the writes already started finish, so one round
+    /// covers a whole wave of concurrent appenders instead of the first few.
+    writes_started: u64,
+    writes_finished: u64,
+    /// While a would-be leader waits: the `writes_finished` value it waits for.
+    gather_until: Option<u64>,
     stats: StoreStats,
 }
 
@@ -383,6 +396,9 @@ impl<F> Default for State<F> {
             commit_rounds_started: 0,
             commit_rounds_completed: 0,
             commit_in_flight: false,
+            writes_started: 0,
+            writes_finished: 0,
+            gather_until: None,
             stats: StoreStats::default(),
         }
     }

@@ -168,19 +168,26 @@ impl<D: SegmentDir> Store<D> {
             self.write_tombstones(&carry).await?;
             report.tombstones_carried += carry.len() as u64;
         }
-        let file_name = {
+        let (file_name, unlinked) = {
             let st = self.state.borrow();
             let seg = &st.segments[&seq];
             if seg.live_records != 0 || !seg.is_quiet() {
                 // A record moved in or was appended while we carried tombstones: keep it.
                 return Ok(false);
             }
-            seg.name.file_name()
+            (seg.name.file_name(), seg.unlinked)
         };
-        self.dir
-            .remove(&file_name)
-            .await
-            .map_err(io_error("remove segment"))?;
+        if !unlinked {
+            self.dir
+                .remove(&file_name)
+                .await
+                .map_err(io_error("remove segment"))?;
+            if let Some(seg) = self.state.borrow_mut().segments.get_mut(&seq) {
+                seg.unlinked = true;
+            }
+        }
+        // Only once the unlink is durable may the tombstones killing its records go: were the
+        // file to come back after a crash without them, its dead records would resurrect.
         self.dir
             .sync()
             .await

@@ -241,6 +241,7 @@ impl<D: SegmentDir> Store<D> {
                 awaiting_sync: 0,
                 dirty: false,
                 failed_round: None,
+                unlinked: false,
                 live_records: 0,
                 live_bytes: 0,
                 data_ids: Vec::new(),
