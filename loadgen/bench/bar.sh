@@ -16,8 +16,11 @@ cleanup() { [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null || true; }
 trap cleanup EXIT
 
 for round in $(seq 1 "$ROUNDS"); do
+  # Fresh ports each round: a stopped io_uring server may hold its port a little longer.
+  PORT_PF=$((PORT_PF + 2)); PORT_LG=$((PORT_LG + 2))
   smtp-sink -u nobody "127.0.0.1:$PORT_PF" 1000 & sink_pid=$!
   sleep 0.5
+  kill -0 "$sink_pid" || { echo "smtp-sink did not start"; exit 1; }
   start=$(date +%s.%N)
   smtp-source -d -s 8 -m "$MESSAGES" -l 1024 -f from@x.test -t u7@bench.test "127.0.0.1:$PORT_PF"
   end=$(date +%s.%N)
@@ -27,6 +30,7 @@ for round in $(seq 1 "$ROUNDS"); do
   # shellcheck disable=SC2086
   "$LOADGEN" sink --listen "127.0.0.1:$PORT_LG" --print-every-secs 0 $threads_flag >/dev/null & sink_pid=$!
   sleep 0.5
+  kill -0 "$sink_pid" || { echo "loadgen sink did not start"; exit 1; }
   # shellcheck disable=SC2086
   "$LOADGEN" smtp --quiet --target "127.0.0.1:$PORT_LG" --connections 8 --messages "$MESSAGES" \
     --size 1024 --to u7@bench.test --from from@x.test --pipelining $threads_flag --json /tmp/loadgen-bar.json >/dev/null

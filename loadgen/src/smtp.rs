@@ -22,6 +22,10 @@ pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// Pause after a failed connect, so a dead server is not hammered in a tight loop.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
+/// A connection slot that failed to connect this many times in a row gives up, so a
+/// `--messages` run against a dead server ends (after about 5 s) instead of retrying forever.
+const MAX_CONSECUTIVE_CONNECT_FAILURES: u32 = 50;
+
 /// Only the first few session errors are printed; all are counted.
 const MAX_PRINTED_ERRORS: u64 = 5;
 
@@ -241,6 +245,7 @@ pub async fn run_thread(plan: SmtpPlan, thread_index: usize, live: Arc<Live>) ->
 /// One connection slot: connect, run a session, repeat until the run is over.
 async fn connection_loop(state: Rc<ThreadState>) {
     let mut buffers = Buffers::default();
+    let mut consecutive_failures = 0;
     while !state.exhausted() {
         let connect_start = Instant::now();
         let mut conn = match Conn::connect(state.plan.target, MAX_REPLY_BYTES).await {
@@ -249,10 +254,18 @@ async fn connection_loop(state: Rc<ThreadState>) {
                 state.stats.borrow_mut().connect_errors += 1;
                 Live::add(&state.live.errors, 1);
                 state.print_error(&format_args!("connect to {}: {error}", state.plan.target));
+                consecutive_failures += 1;
+                if consecutive_failures >= MAX_CONSECUTIVE_CONNECT_FAILURES {
+                    state.print_error(&format_args!(
+                        "giving up a connection after {consecutive_failures} failed connects in a row"
+                    ));
+                    return;
+                }
                 glommio::timer::sleep(RECONNECT_PAUSE).await;
                 continue;
             }
         };
+        consecutive_failures = 0;
         state
             .stats
             .borrow_mut()

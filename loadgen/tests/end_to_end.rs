@@ -251,6 +251,22 @@ fn unreachable_server_is_counted_not_a_panic() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("connect errors"), "{stdout}");
+    // A message budget against a dead server ends too: each slot gives up eventually.
+    let out = run(&[
+        "smtp",
+        "--target",
+        &format!("127.0.0.1:{port}"),
+        "--connections",
+        "1",
+        "--messages",
+        "10",
+        "--to",
+        "u@x.test",
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("connect errors"), "{stdout}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
 
