@@ -480,12 +480,24 @@ impl Session {
         self.consumed = 0;
     }
 
-    /// Queues a reply, counting permanent failures towards [`MAX_ERRORS`].
+    /// Queues a reply, counting permanent failures towards [`MAX_ERRORS`]. Every refusal
+    /// is logged once here (accepted messages are logged by the loop, which knows the
+    /// queue id and shard).
     fn reply(&mut self, reply: Reply) {
         reply.write_to(&mut self.output);
+        if reply.is_failure() {
+            tracing::info!(
+                client = %self.peer.addr,
+                code = reply.code,
+                status = %reply.enhanced.map(|e| e.to_string()).unwrap_or_default(),
+                reason = reply.text,
+                "smtp refused"
+            );
+        }
         if reply.is_permanent_failure() {
             self.errors += 1;
             if self.errors >= MAX_ERRORS {
+                tracing::info!(client = %self.peer.addr, "smtp closing after too many errors");
                 replies::TOO_MANY_ERRORS.write_to(&mut self.output);
                 self.close();
             }
@@ -605,6 +617,7 @@ impl Session {
             Ok(command) => command,
             Err(CommandError::Http) => {
                 // Do not count it as an error: refuse and close at once.
+                tracing::info!(client = %self.peer.addr, "smtp refused an HTTP request");
                 replies::HTTP_REFUSED.write_to(&mut self.output);
                 self.close();
                 return;
