@@ -529,6 +529,11 @@ impl Session {
         if self.consumed == self.filled && !matches!(self.phase, Phase::Data(_)) {
             self.consumed = 0;
             self.filled = 0;
+            if matches!(self.phase, Phase::Command) && self.input.len() > COMMAND_BUFFER_BYTES {
+                // Back between messages (after BDAT or a refused DATA): give the data
+                // buffer back rather than hold it while idle.
+                self.input = fresh_buffer(COMMAND_BUFFER_BYTES);
+            }
         } else if matches!(self.phase, Phase::Command | Phase::DiscardingLongLine)
             && self.input.len() - self.filled < command::MAX_COMMAND_LINE_BYTES
         {
