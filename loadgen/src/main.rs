@@ -1,3 +1,1 @@
-fn main() {
-    println!("loadgen: usage: loadgen smtp|pop3|sink|dns ...");
-}
+fn main() { println!("loadgen: usage: loadgen smtp|pop3|sink|dns ..."); }
