@@ -4,6 +4,8 @@
 //! match case-insensitively (SPEC §2); the canonical spelling of a local mailbox is the
 //! one in the configuration, so every shard indexes a mailbox under one name.
 
+#![warn(missing_docs)]
+
 use std::collections::{HashMap, HashSet};
 
 /// Where a recipient's copy of a message goes.

@@ -60,15 +60,6 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut received_bytes = 0u64;
 
     let outcome: &str = loop {
-        for rejection in session.drain_rejections() {
-            tracing::info!(
-                shard = shard.id,
-                client = %peer.ip(),
-                code = rejection.code,
-                "rejected: {}",
-                rejection.text
-            );
-        }
         if !session.output().is_empty() {
             match write_all(&mut stream, session.output(), WRITE_TIMEOUT).await {
                 Ok(()) => {

@@ -12,6 +12,9 @@
 //! - `received`: the Received header.
 //! - `session`: the state machine.
 
+// Every public item says why it exists.
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod command;
 pub mod data;

@@ -50,10 +50,6 @@ pub const MAX_UNSENT_OUTPUT_BYTES: usize = 64 * 1024;
 /// client this confused is broken or probing.
 pub const MAX_ERRORS: u32 = 10;
 
-/// Failure replies remembered for the loop between two drains; a client cannot make this
-/// grow, because the loop drains after every batch of input.
-pub const MAX_PENDING_REJECTIONS: usize = 64;
-
 /// The whole reply to a connection refused before any session exists (over
 /// `max_connections` or `max_connections_per_ip`): the loop writes it and closes.
 pub fn connection_refused(hostname: &str) -> Vec<u8> {
@@ -295,8 +291,6 @@ pub struct Session {
     pending_store: Option<Transaction>,
     /// Body bytes copied in user space (kept in every build: one add per copy).
     body_bytes_copied: u64,
-    /// Failure replies not yet drained by the loop (bounded by [`MAX_PENDING_REJECTIONS`]).
-    rejections: Vec<Reply>,
 }
 
 fn fresh_buffer(size_bytes: usize) -> Vec<u8> {
@@ -323,7 +317,6 @@ impl Session {
             errors: 0,
             pending_store: None,
             body_bytes_copied: 0,
-            rejections: Vec::new(),
         }
     }
 
@@ -422,12 +415,6 @@ impl Session {
         })
     }
 
-    /// True while message bytes (DATA or a BDAT chunk) are arriving: the loop judges the
-    /// minimum data rate only then.
-    pub fn receiving_body(&self) -> bool {
-        matches!(self.phase, Phase::Data(_) | Phase::Bdat(_))
-    }
-
     /// The loop's idle timer (or minimum data rate) fired: queues 421 4.4.2 and closes.
     /// Returns the unfinished transaction thrown away, as [`Session::peer_closed`] does.
     pub fn timed_out(&mut self) -> Option<Discarded> {
@@ -439,6 +426,12 @@ impl Session {
     /// transaction is thrown away, never half-stored.
     pub fn shutting_down(&mut self) -> Option<Discarded> {
         self.end_with(replies::SHUTTING_DOWN)
+    }
+
+    /// True while message bytes (DATA or a BDAT chunk) are arriving: the loop judges the
+    /// minimum data rate only then.
+    pub fn receiving_body(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Bdat(_))
     }
 
     /// True while a transaction is open (after MAIL, until its end or RSET) or a store is
@@ -458,12 +451,6 @@ impl Session {
         let discarded = self.peer_closed();
         reply.write_to(&mut self.output);
         discarded
-    }
-
-    /// Failure replies (4xx/5xx) queued since the last call, for the loop's log line and
-    /// counters: the session itself never logs.
-    pub fn drain_rejections(&mut self) -> std::vec::Drain<'_, Reply> {
-        self.rejections.drain(..)
     }
 
     /// Body bytes copied in user space so far: 0 for DATA unless the client sent body
@@ -499,15 +486,24 @@ impl Session {
         self.consumed = 0;
     }
 
-    /// Queues a reply, counting permanent failures towards [`MAX_ERRORS`].
+    /// Queues a reply, counting permanent failures towards [`MAX_ERRORS`]. Every refusal
+    /// is logged once here (accepted messages are logged by the loop, which knows the
+    /// queue id and shard).
     fn reply(&mut self, reply: Reply) {
         reply.write_to(&mut self.output);
-        if reply.is_failure() && self.rejections.len() < MAX_PENDING_REJECTIONS {
-            self.rejections.push(reply);
+        if reply.is_failure() {
+            tracing::info!(
+                client = %self.peer.addr,
+                code = reply.code,
+                status = %reply.enhanced.map(|e| e.to_string()).unwrap_or_default(),
+                reason = reply.text,
+                "smtp refused"
+            );
         }
         if reply.is_permanent_failure() {
             self.errors += 1;
             if self.errors >= MAX_ERRORS {
+                tracing::info!(client = %self.peer.addr, "smtp closing after too many errors");
                 replies::TOO_MANY_ERRORS.write_to(&mut self.output);
                 self.close();
             }
@@ -539,6 +535,11 @@ impl Session {
         if self.consumed == self.filled && !matches!(self.phase, Phase::Data(_)) {
             self.consumed = 0;
             self.filled = 0;
+            if matches!(self.phase, Phase::Command) && self.input.len() > COMMAND_BUFFER_BYTES {
+                // Back between messages (after BDAT or a refused DATA): give the data
+                // buffer back rather than hold it while idle.
+                self.input = fresh_buffer(COMMAND_BUFFER_BYTES);
+            }
         } else if matches!(self.phase, Phase::Command | Phase::DiscardingLongLine)
             && self.input.len() - self.filled < command::MAX_COMMAND_LINE_BYTES
         {
@@ -627,6 +628,7 @@ impl Session {
             Ok(command) => command,
             Err(CommandError::Http) => {
                 // Do not count it as an error: refuse and close at once.
+                tracing::info!(client = %self.peer.addr, "smtp refused an HTTP request");
                 replies::HTTP_REFUSED.write_to(&mut self.output);
                 self.close();
                 return;

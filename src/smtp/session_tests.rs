@@ -751,7 +751,7 @@ fn refused_connections_get_421_with_our_name() {
 
 #[test]
 fn idle_sessions_hold_small_buffers() {
-    let mut harness = Harness::standard();
+    let mut harness = Harness::new(params(100_000, 3), peer(false));
     assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
     harness.send(
         b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n",
@@ -760,6 +760,15 @@ fn idle_sessions_hold_small_buffers() {
     assert_eq!(harness.session.input_buffer().len(), DATA_BUFFER_BYTES);
     harness.send(b"x\r\n.\r\n", usize::MAX);
     assert_eq!(harness.stored.len(), 1);
+    assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
+    // A big BDAT chunk is read into a data buffer, given back after.
+    harness.send(
+        b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 9000 LAST\r\n",
+        usize::MAX,
+    );
+    assert_eq!(harness.session.input_buffer().len(), DATA_BUFFER_BYTES);
+    harness.send(&[b'b'; 9000], usize::MAX);
+    assert_eq!(harness.stored.len(), 2);
     assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
 }
 

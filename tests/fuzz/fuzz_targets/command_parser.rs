@@ -8,8 +8,13 @@ use ringmail::smtp::command::{parse, Command};
 
 fuzz_target!(|line: &[u8]| {
     match parse(line) {
-        Ok(Command::Mail { from: ReversePath::Mailbox(m), .. })
-        | Ok(Command::Rcpt { to: ForwardPath::Mailbox(m) }) => {
+        Ok(Command::Mail {
+            from: ReversePath::Mailbox(m),
+            ..
+        })
+        | Ok(Command::Rcpt {
+            to: ForwardPath::Mailbox(m),
+        }) => {
             assert!(m.local_part.len() <= MAX_LOCAL_PART_BYTES);
             assert!(m.domain.len() <= MAX_DOMAIN_BYTES);
             assert_eq!(m.text.len(), m.local_part.len() + 1 + m.domain.len());

@@ -46,7 +46,9 @@ fuzz_target!(|data: &[u8]| {
                 let mut scanner = DataScanner::new();
                 assert_eq!(
                     scanner.scan(&framed),
-                    ScanOutcome::End { consumed: framed.len() }
+                    ScanOutcome::End {
+                        consumed: framed.len()
+                    }
                 );
                 assert!(!scanner.saw_bare_line_ending());
                 queue_id += 1;
