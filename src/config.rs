@@ -465,19 +465,6 @@ impl Config {
                 );
             }
         }
-        // Refused rather than half-served until the TLS and AUTH work lands (README: status).
-        if self.tls.cert.is_some() || self.tls.key.is_some() {
-            problem(
-                "tls.cert",
-                "TLS is not available in this build yet; leave [tls] empty".into(),
-            );
-        }
-        if !self.smtp.submission_listen.is_empty() {
-            problem(
-                "smtp.submission_listen",
-                "submission needs SMTP AUTH, which is not available in this build yet".into(),
-            );
-        }
         let mut listeners = BTreeSet::new();
         for (key, addrs) in self.listeners() {
             for addr in addrs {

@@ -23,6 +23,8 @@ pub mod session;
 mod dialogue_tests;
 #[cfg(test)]
 mod session_tests;
+#[cfg(test)]
+mod tls_auth_tests;
 
 pub use session::{
     Action, Discarded, PeerInfo, Recipient, Session, SessionParams, StoreFailure, Transaction,
