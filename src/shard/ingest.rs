@@ -64,8 +64,8 @@ pub async fn store_transaction(
         hostname: &config.hostname,
         protocol: received::Protocol::new(
             transaction.esmtp,
-            false,
-            false,
+            transaction.tls,
+            transaction.authenticated,
             transaction.smtputf8,
         ),
         queue_id: &queue_id,
