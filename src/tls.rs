@@ -8,7 +8,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -241,6 +243,78 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     with_timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream)).await
 }
 
+/// An outbound (relay) connection: plain TCP, or TLS after the MX accepted STARTTLS.
+pub enum OutboundStream {
+    /// Plain TCP.
+    Plain(glommio::net::TcpStream),
+    /// Client-side TLS over TCP; boxed because the rustls state is large.
+    Tls(Box<futures_rustls::client::TlsStream<glommio::net::TcpStream>>),
+}
+
+impl OutboundStream {
+    /// Whether the bytes are encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, OutboundStream::Tls(_))
+    }
+
+    /// Runs the client handshake after the MX's 220 to STARTTLS (see [`connect`]). On error
+    /// the connection is gone: reconnect in plain text (`relay::client` module docs).
+    pub async fn start_tls(
+        self,
+        config: Arc<ClientConfig>,
+        mx_host: &str,
+    ) -> Result<OutboundStream, HandshakeError> {
+        match self {
+            OutboundStream::Plain(tcp) => Ok(OutboundStream::Tls(Box::new(
+                connect(config, mx_host, tcp).await?,
+            ))),
+            OutboundStream::Tls(_) => Err(HandshakeError::Failed(io::Error::other(
+                "TLS is already active",
+            ))),
+        }
+    }
+}
+
+impl AsyncRead for OutboundStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for OutboundStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
+        }
+    }
+}
+
 /// Accepts any certificate but still checks that the handshake signatures are genuine, so the
 /// session keys are those of whoever holds the presented key.
 #[derive(Debug)]
@@ -419,5 +493,257 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+    }
+
+    mod outbound {
+        //! The relay side against a fake MX: the loop shape `relay::client` documents.
+
+        use std::net::SocketAddr;
+
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        use glommio::net::{TcpListener, TcpStream};
+
+        use super::super::*;
+        use crate::relay::client::{
+            data_terminator, ClientAction, OutgoingMessage, RecipientOutcome, SmtpClient, TlsStatus,
+        };
+
+        /// How the fake MX treats STARTTLS.
+        #[derive(Clone, Copy, PartialEq)]
+        enum MxTls {
+            /// Offers it and completes the handshake.
+            Works,
+            /// Offers it, says 220, then sends plain text instead of a ServerHello.
+            Broken,
+            /// Does not offer it.
+            Absent,
+        }
+
+        /// What one fake-MX session saw.
+        #[derive(Default, Debug)]
+        struct Seen {
+            /// Commands, one per line, in order.
+            commands: Vec<String>,
+            /// The message data (dot-stuffed, terminator excluded).
+            data: Vec<u8>,
+            /// Whether the data came over TLS.
+            data_over_tls: bool,
+        }
+
+        async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while !line.ends_with(b"\r\n") {
+                if stream.read(&mut byte).await.ok()? == 0 {
+                    return None;
+                }
+                line.push(byte[0]);
+            }
+            line.truncate(line.len() - 2);
+            String::from_utf8(line).ok()
+        }
+
+        /// Serves SMTP lines until QUIT (None) or an accepted STARTTLS (Some(())).
+        async fn mx_lines<S: AsyncRead + AsyncWrite + Unpin>(
+            stream: &mut S,
+            offer_starttls: bool,
+            tls: bool,
+            seen: &mut Seen,
+        ) -> Option<()> {
+            while let Some(line) = read_line(stream).await {
+                seen.commands.push(line.clone());
+                let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" if offer_starttls => {
+                        b"250-fake.mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+                    }
+                    "EHLO" => b"250-fake.mx\r\n250 PIPELINING\r\n",
+                    "STARTTLS" => {
+                        stream.write_all(b"220 2.0.0 go ahead\r\n").await.ok()?;
+                        stream.flush().await.ok()?;
+                        return Some(());
+                    }
+                    "DATA" => {
+                        stream.write_all(b"354 go\r\n").await.ok()?;
+                        stream.flush().await.ok()?;
+                        loop {
+                            let line = read_line(stream).await?;
+                            if line == "." {
+                                break;
+                            }
+                            seen.data.extend_from_slice(line.as_bytes());
+                            seen.data.extend_from_slice(b"\r\n");
+                        }
+                        seen.data_over_tls = tls;
+                        b"250 2.0.0 queued\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 bye\r\n").await;
+                        let _ = stream.flush().await;
+                        return None;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                stream.write_all(reply).await.ok()?;
+                stream.flush().await.ok()?;
+            }
+            None
+        }
+
+        /// One fake-MX connection.
+        async fn fake_mx(tcp: TcpStream, mode: MxTls, server: Rc<ServerTls>) -> Seen {
+            let mut seen = Seen::default();
+            let mut tcp = tcp;
+            if tcp.write_all(b"220 fake.mx ESMTP\r\n").await.is_err() {
+                return seen;
+            }
+            let offer = mode != MxTls::Absent;
+            if mx_lines(&mut tcp, offer, false, &mut seen).await.is_none() {
+                return seen;
+            }
+            if mode == MxTls::Broken {
+                let _ = tcp.write_all(b"this is not a ServerHello\r\n").await;
+                return seen;
+            }
+            let Ok(mut tls) = server.accept(tcp).await else {
+                return seen;
+            };
+            mx_lines(&mut tls, false, true, &mut seen).await;
+            seen
+        }
+
+        /// The relay delivery loop as `relay::client` documents it: one message, opportunistic
+        /// STARTTLS, plain-text fallback on a failed handshake.
+        async fn deliver(addr: SocketAddr, body: &[u8]) -> (TlsStatus, Vec<RecipientOutcome>) {
+            let config = client_config(CertificatePolicy::Unverified).unwrap();
+            let recipients = vec!["bob@far.test".to_string()];
+            let message = OutgoingMessage {
+                sender: "alice@example.test",
+                recipients: &recipients,
+                size_bytes: body.len() as u64,
+                needs_8bitmime: false,
+                needs_smtputf8: false,
+            };
+            let mut stream = OutboundStream::Plain(TcpStream::connect(addr).await.unwrap());
+            let mut client = SmtpClient::opportunistic_tls("relay.example.test");
+            let mut outcomes = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match client.poll_action() {
+                    Some(ClientAction::Send(bytes)) => {
+                        stream.write_all(&bytes).await.unwrap();
+                        stream.flush().await.unwrap();
+                    }
+                    Some(ClientAction::SendBody) => {
+                        stream.write_all(body).await.unwrap();
+                        stream.write_all(data_terminator(body)).await.unwrap();
+                        stream.flush().await.unwrap();
+                    }
+                    Some(ClientAction::StartTls) => {
+                        match stream.start_tls(Arc::clone(&config), "fake.mx").await {
+                            Ok(tls) => {
+                                stream = tls;
+                                client.tls_established();
+                            }
+                            Err(e) => {
+                                stream =
+                                    OutboundStream::Plain(TcpStream::connect(addr).await.unwrap());
+                                client = SmtpClient::after_tls_failure(
+                                    "relay.example.test",
+                                    &e.to_string(),
+                                );
+                            }
+                        }
+                    }
+                    Some(ClientAction::Ready) if outcomes.is_empty() => {
+                        client.send_message(&message).unwrap();
+                    }
+                    Some(ClientAction::Ready) => client.quit(),
+                    Some(ClientAction::MessageDone(done)) => outcomes = done,
+                    Some(ClientAction::Failed(reply)) => panic!("session failed: {reply}"),
+                    Some(ClientAction::Close) => break,
+                    None => match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => client.connection_closed(),
+                        Ok(n) => client.received(&buf[..n]),
+                    },
+                }
+            }
+            (client.tls_status().clone(), outcomes)
+        }
+
+        fn run(mode: MxTls) -> (TlsStatus, Vec<RecipientOutcome>, Vec<Seen>) {
+            let (cert, key) = super::self_signed("fake.mx");
+            let server = server_config_from_pem(
+                Path::new("c"),
+                cert.as_bytes(),
+                Path::new("k"),
+                key.as_bytes(),
+            )
+            .unwrap();
+            glommio::LocalExecutorBuilder::default()
+                .spawn(move || async move {
+                    let server = Rc::new(ServerTls {
+                        cert_path: PathBuf::new(),
+                        key_path: PathBuf::new(),
+                        current: RwLock::new(server),
+                    });
+                    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                    let addr = listener.local_addr().unwrap();
+                    let mx = glommio::spawn_local(async move {
+                        let mut sessions = Vec::new();
+                        // The fallback case connects twice.
+                        let connections = if mode == MxTls::Broken { 2 } else { 1 };
+                        for _ in 0..connections {
+                            let tcp = listener.accept().await.unwrap();
+                            sessions.push(fake_mx(tcp, mode, Rc::clone(&server)).await);
+                        }
+                        sessions
+                    });
+                    let body = b"Subject: hi\r\n\r\nover the relay\r\n";
+                    let (status, outcomes) = deliver(addr, body).await;
+                    (status, outcomes, mx.await)
+                })
+                .unwrap()
+                .join()
+                .unwrap()
+        }
+
+        use std::rc::Rc;
+
+        #[test]
+        fn relays_over_starttls_when_the_mx_offers_it() {
+            let (status, outcomes, seen) = run(MxTls::Works);
+            assert_eq!(status, TlsStatus::Encrypted);
+            assert_eq!(outcomes, [RecipientOutcome::Delivered]);
+            let seen = &seen[0];
+            assert_eq!(
+                seen.commands[..3],
+                [
+                    "EHLO relay.example.test",
+                    "STARTTLS",
+                    "EHLO relay.example.test"
+                ]
+            );
+            assert!(seen.data_over_tls);
+            assert_eq!(seen.data, b"Subject: hi\r\n\r\nover the relay\r\n");
+        }
+
+        #[test]
+        fn falls_back_to_plain_text_when_the_handshake_fails() {
+            let (status, outcomes, seen) = run(MxTls::Broken);
+            assert!(matches!(status, TlsStatus::FellBack(_)), "{status:?}");
+            assert_eq!(outcomes, [RecipientOutcome::Delivered]);
+            assert!(seen[0].data.is_empty());
+            assert!(!seen[1].commands.contains(&"STARTTLS".to_string()));
+            assert!(!seen[1].data_over_tls && !seen[1].data.is_empty());
+        }
+
+        #[test]
+        fn stays_plain_when_starttls_is_not_offered() {
+            let (status, outcomes, seen) = run(MxTls::Absent);
+            assert_eq!(status, TlsStatus::NotOffered);
+            assert_eq!(outcomes, [RecipientOutcome::Delivered]);
+            assert!(!seen[0].data_over_tls);
+        }
     }
 }
