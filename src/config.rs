@@ -1094,6 +1094,17 @@ mod tests {
     }
 
     #[test]
+    fn tls_enables_submission_and_implicit_tls_listeners() {
+        let text = "[smtp]\nsubmission_listen = [\"0.0.0.0:587\"]\ntls_listen = [\"0.0.0.0:465\"]\n\
+                    [pop3]\ntls_listen = [\"0.0.0.0:995\"]\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = Config::parse("t.toml", text).unwrap();
+        assert!(c.tls.enabled());
+        let found = problems("[smtp]\ntls_listen = [\"0.0.0.0:465\"]\n[tls]\ncert = \"c.pem\"\n");
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["smtp.tls_listen", "tls.key"]);
+    }
+
+    #[test]
     fn users_are_checked() {
         let found = problems(
             "local_domains=[\"example.test\"]\n[[users]]\naddress=\"a@other.test\"\npassword_hash=\"plain\"\ncolour=1\n",
