@@ -448,6 +448,36 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_client_times_out_and_garbage_fails_the_handshake() {
+        let (cert, key) = self_signed("mx.ringmail.test");
+        let config = load(cert.as_bytes(), key.as_bytes()).unwrap();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                use futures_lite::AsyncWriteExt;
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                // Silent: nothing arrives, the bounded handshake gives up.
+                let _silent = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let stream = listener.accept().await.unwrap();
+                let acceptor = futures_rustls::TlsAcceptor::from(Arc::clone(&config));
+                let started = std::time::Instant::now();
+                let outcome =
+                    with_timeout(Duration::from_millis(200), acceptor.accept(stream)).await;
+                assert!(matches!(outcome, Err(HandshakeError::TimedOut)));
+                assert!(started.elapsed() < Duration::from_secs(5));
+                // Plain text instead of a ClientHello: a clean failure, not a hang.
+                let mut talker = glommio::net::TcpStream::connect(addr).await.unwrap();
+                talker.write_all(b"MAIL FROM:<a@b.test>\r\n").await.unwrap();
+                let stream = listener.accept().await.unwrap();
+                let outcome = with_timeout(Duration::from_secs(5), acceptor.accept(stream)).await;
+                assert!(matches!(outcome, Err(HandshakeError::Failed(_))));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
     fn client_and_server_complete_a_handshake_over_a_socket_pair() {
         let (cert, key) = self_signed("mx.ringmail.test");
         let server = load(cert.as_bytes(), key.as_bytes()).unwrap();
