@@ -465,19 +465,6 @@ impl Config {
                 );
             }
         }
-        // Refused rather than half-served until the TLS and AUTH work lands (README: status).
-        if self.tls.cert.is_some() || self.tls.key.is_some() {
-            problem(
-                "tls.cert",
-                "TLS is not available in this build yet; leave [tls] empty".into(),
-            );
-        }
-        if !self.smtp.submission_listen.is_empty() {
-            problem(
-                "smtp.submission_listen",
-                "submission needs SMTP AUTH, which is not available in this build yet".into(),
-            );
-        }
         let mut listeners = BTreeSet::new();
         for (key, addrs) in self.listeners() {
             for addr in addrs {
@@ -1100,6 +1087,17 @@ mod tests {
         let found = problems("[smtp]\nsubmission_listen = [\"0.0.0.0:587\"]\n");
         assert_eq!(found[0].key, "smtp.submission_listen");
         assert!(found[0].message.contains("in the clear"), "{found:?}");
+    }
+
+    #[test]
+    fn tls_enables_submission_and_implicit_tls_listeners() {
+        let text = "[smtp]\nsubmission_listen = [\"0.0.0.0:587\"]\ntls_listen = [\"0.0.0.0:465\"]\n\
+                    [pop3]\ntls_listen = [\"0.0.0.0:995\"]\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = Config::parse("t.toml", text).unwrap();
+        assert!(c.tls.enabled());
+        let found = problems("[smtp]\ntls_listen = [\"0.0.0.0:465\"]\n[tls]\ncert = \"c.pem\"\n");
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["smtp.tls_listen", "tls.key"]);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! - [`relay`]: relay building blocks: DNS (hickory-proto), next hops, sans-IO SMTP client, retry schedule, DSNs.
 //! - [`auth`]: users, argon2id password hashes, SASL PLAIN decoding.
 //! - [`throttle`]: per-client-address login failure throttle (pure, time passed in).
+//! - [`tls`]: rustls (ring) server identity from `[tls]` with SIGHUP reload, bounded handshakes, opportunistic outbound TLS.
 
 pub mod auth;
 pub mod config;
@@ -35,3 +36,4 @@ pub mod shard;
 pub mod smtp;
 pub mod store;
 pub mod throttle;
+pub mod tls;

@@ -18,6 +18,7 @@ use crate::host::{self, HostError};
 use crate::limits::ConnectionLimits;
 use crate::routing::Directory;
 use crate::shard::{self, ShardContext, ShardEvent};
+use crate::tls::{ServerTls, TlsError};
 
 /// What a listener serves; decides the session a connection gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,8 @@ pub struct Shared {
     pub users: Arc<UserDirectory>,
     /// Local domains, users and postmaster, for routing at RCPT.
     pub directory: Directory,
+    /// The TLS identity from `[tls]`, re-read on SIGHUP; `None` when TLS is off.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Why the server could not start or stopped abnormally. Each names what is wrong.
@@ -109,6 +112,10 @@ pub enum ServerError {
     },
     #[error("users: {0}")]
     Users(String),
+    /// The certificate or key of `[tls]` is unusable at start (exit 1; a bad file on SIGHUP
+    /// is logged and the old identity kept instead).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("shard {shard} could not start: {message}")]
     ShardStart { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
@@ -123,6 +130,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         tracing::warn!("{note}");
     }
     let _lock = DataDirLock::acquire(&config.data_dir)?;
+    let tls = ServerTls::load(&config.tls)?.map(Arc::new);
     let listeners = resolve_listeners(&config)?;
     let users = UserDirectory::new(
         config
@@ -135,6 +143,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let directory = Directory::new(&config.local_domains, &user_addresses, &config.postmaster)
         .map_err(|e| ServerError::Users(e.to_string()))?;
     let shared = Arc::new(Shared {
+        tls: tls.clone(),
         users: Arc::new(users),
         directory,
         smtp_limits: ConnectionLimits::new(
@@ -152,7 +161,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 
     // Signals are caught before any shard starts so that an early SIGTERM is never lost.
     let (events_tx, events_rx) = mpsc::channel::<ShardEvent>();
-    watch_signals(events_tx.clone())?;
+    watch_signals(events_tx.clone(), tls)?;
 
     let cpus = allowed_cpus();
     let mut shutdowns = Vec::with_capacity(shard_count);
@@ -254,24 +263,43 @@ fn announce(shared: &Shared) {
     let _ = out.flush();
 }
 
-fn watch_signals(events: mpsc::Sender<ShardEvent>) -> Result<(), ServerError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| {
-        ServerError::ShardStart {
-            shard: 0,
-            message: format!("cannot install signal handlers: {e}"),
-        }
-    })?;
+/// SIGTERM/SIGINT start the drain; SIGHUP re-reads the TLS certificate and key (on this
+/// thread, where blocking file reads are allowed), keeping every open connection.
+fn watch_signals(
+    events: mpsc::Sender<ShardEvent>,
+    tls: Option<Arc<ServerTls>>,
+) -> Result<(), ServerError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| {
+            ServerError::ShardStart {
+                shard: 0,
+                message: format!("cannot install signal handlers: {e}"),
+            }
+        })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match &tls {
+                        Some(tls) => match tls.reload() {
+                            Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                            Err(e) => tracing::error!(
+                                "SIGHUP: {e}; keeping the certificate and key loaded before"
+                            ),
+                        },
+                        None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+                    }
+                    continue;
+                }
                 let name = if signal == SIGTERM {
                     "SIGTERM"
                 } else {
                     "SIGINT"
                 };
                 let _ = events.send(ShardEvent::Signal(name));
+                break;
             }
         })
         .map_err(|e| ServerError::ShardStart {

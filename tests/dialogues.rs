@@ -90,7 +90,18 @@ fn replay(file: &Path) {
         } else if let Some(text) = line.strip_prefix("R: ") {
             client.send(&unescape(text));
         } else if let Some(prefix) = line.strip_prefix("S: ") {
-            let got = client.line();
+            let mut got = client.line();
+            // The dialogues assume a client off loopback; this one is on loopback, where
+            // AUTH is offered (SPEC §3) as one more EHLO line after the last expected one.
+            if prefix.starts_with("250 ") && got.starts_with("250-SMTPUTF8") {
+                assert!(
+                    format!("250 {}", &got[4..]).starts_with(prefix),
+                    "{at}: got {got:?}"
+                );
+                got = client.line();
+                assert!(got.starts_with("250 AUTH "), "{at}: got {got:?}");
+                continue;
+            }
             assert!(
                 got.starts_with(prefix),
                 "{at}: expected {prefix:?}, got {got:?}"

@@ -3,10 +3,13 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use thiserror::Error;
 
 /// A server that neither answers nor closes for this long is counted as broken.
@@ -46,10 +49,20 @@ impl From<glommio::GlommioError<()>> for SessionError {
     }
 }
 
+/// The socket, plain or TLS.
+enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP after STARTTLS/STLS; boxed because the rustls state is large.
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+    /// A handshake failed midway: the connection is unusable.
+    Broken,
+}
+
 /// A connected socket and the bytes received but not yet consumed.
 pub struct Conn {
     /// The socket.
-    stream: TcpStream,
+    stream: Stream,
     /// Receive buffer; `buffer[start..end]` is unconsumed.
     buffer: Vec<u8>,
     /// First unconsumed byte.
@@ -70,7 +83,7 @@ impl Conn {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         Ok(Conn {
-            stream,
+            stream: Stream::Plain(stream),
             buffer: vec![0; INITIAL_BUFFER_BYTES],
             start: 0,
             end: 0,
@@ -80,7 +93,42 @@ impl Conn {
 
     /// Sends all of `bytes`.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.stream.write_all(bytes).await?;
+        match &mut self.stream {
+            Stream::Plain(tcp) => tcp.write_all(bytes).await?,
+            Stream::Tls(tls) => {
+                tls.write_all(bytes).await?;
+                // rustls holds the records until flushed.
+                tls.flush().await?;
+            }
+            Stream::Broken => return Err(SessionError::Closed),
+        }
+        Ok(())
+    }
+
+    /// Runs the TLS client handshake after the server said yes to STARTTLS/STLS. Bytes the
+    /// server sent behind its yes would be plain text smuggled into the TLS session: refused.
+    pub async fn start_tls(&mut self, config: &Arc<ClientConfig>) -> Result<(), SessionError> {
+        if self.start != self.end {
+            return Err(SessionError::Malformed(
+                "data after the server's STARTTLS/STLS answer",
+            ));
+        }
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Broken) else {
+            return Err(SessionError::Malformed("TLS started twice"));
+        };
+        // The name is only sent as SNI; the certificate is not verified (see `tls`).
+        let name = ServerName::try_from("loadgen.invalid")
+            .map_err(|_| SessionError::Malformed("server name"))?;
+        let connector = futures_rustls::TlsConnector::from(Arc::clone(config));
+        let tls = glommio::timer::timeout(IO_TIMEOUT, async {
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(glommio::GlommioError::IoError)
+        })
+        .await
+        .map_err(SessionError::from)?;
+        self.stream = Stream::Tls(Box::new(tls));
         Ok(())
     }
 
@@ -120,7 +168,12 @@ impl Conn {
             let grown = (self.buffer.len() * 2).min(self.max_frame_bytes);
             self.buffer.resize(grown, 0);
         }
-        let received = self.stream.read(&mut self.buffer[self.end..]).await?;
+        let spare = &mut self.buffer[self.end..];
+        let received = match &mut self.stream {
+            Stream::Plain(tcp) => tcp.read(spare).await?,
+            Stream::Tls(tls) => tls.read(spare).await?,
+            Stream::Broken => 0,
+        };
         if received == 0 {
             return Err(SessionError::Closed);
         }

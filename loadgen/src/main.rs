@@ -19,6 +19,7 @@ mod rate;
 mod report;
 mod sink;
 mod smtp;
+mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -121,7 +122,8 @@ struct SmtpArgs {
     /// from each arrival's intended time (coordinated omission corrected).
     #[arg(long)]
     rate: Option<f64>,
-    /// TLS: not supported yet (exits with status 2).
+    /// STARTTLS after EHLO (then EHLO again); the server's certificate is not verified. The
+    /// handshake (STARTTLS to the end of TLS setup) is reported as `tls_handshake` latency.
     #[arg(long)]
     tls: bool,
     /// Threads (one executor each); default: online CPUs.
@@ -156,7 +158,7 @@ struct Pop3Args {
     /// Check each message's body against its X-Loadgen-Checksum header.
     #[arg(long)]
     verify: bool,
-    /// TLS: not supported yet (exits with status 2).
+    /// STLS after the greeting; the server's certificate is not verified.
     #[arg(long)]
     tls: bool,
     /// Threads (one executor each); default: online CPUs.
@@ -341,10 +343,18 @@ fn finish(
     })
 }
 
-fn run_smtp(args: SmtpArgs) -> Result<ExitCode, RunError> {
-    if args.tls {
-        return Err(UsageError::from("--tls is not supported yet").into());
+/// The shared client TLS configuration when `--tls` is given.
+fn tls_config(wanted: bool) -> Result<Option<Arc<rustls::ClientConfig>>, RunError> {
+    if !wanted {
+        return Ok(None);
     }
+    tls::client_config()
+        .map(Some)
+        .map_err(|e| RunError::from(anyhow::anyhow!("cannot set up TLS: {e}")))
+}
+
+fn run_smtp(args: SmtpArgs) -> Result<ExitCode, RunError> {
+    let tls = tls_config(args.tls)?;
     let target = resolve(&args.target)?;
     let to = Pattern::parse(&args.to).map_err(|e| format!("--to: {e}"))?;
     if args.connections == 0 || args.connections > MAX_CONNECTIONS {
@@ -420,6 +430,7 @@ fn run_smtp(args: SmtpArgs) -> Result<ExitCode, RunError> {
         rate_per_sec: args.rate,
         threads,
         run_id,
+        tls,
     };
     let live = Arc::new(Live::default());
     let thread_live = live.clone();
@@ -434,9 +445,7 @@ fn run_smtp(args: SmtpArgs) -> Result<ExitCode, RunError> {
 }
 
 fn run_pop3(args: Pop3Args) -> Result<ExitCode, RunError> {
-    if args.tls {
-        return Err(UsageError::from("--tls is not supported yet").into());
-    }
+    let tls = tls_config(args.tls)?;
     let target = resolve(&args.target)?;
     let users = Pattern::parse(&args.user).map_err(|e| format!("--user: {e}"))?;
     if args.connections == 0 || args.connections > MAX_CONNECTIONS {
@@ -459,6 +468,7 @@ fn run_pop3(args: Pop3Args) -> Result<ExitCode, RunError> {
         verify: args.verify,
         threads,
         max_message_bytes: args.max_message_size.max(1024),
+        tls,
     };
     let live = Arc::new(Live::default());
     let thread_live = live.clone();

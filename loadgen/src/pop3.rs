@@ -135,6 +135,8 @@ pub struct Pop3Plan {
     pub threads: usize,
     /// Largest message we buffer.
     pub max_message_bytes: usize,
+    /// `--tls`: STLS after the greeting with this client configuration.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What one thread shares between its connections.
@@ -291,6 +293,16 @@ async fn mailbox(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(),
     let plan = &state.plan;
     let greeting = status(state, conn).await?;
     require_ok(conn, "greeting", greeting)?;
+    if let Some(tls) = &plan.tls {
+        let handshake_start = Instant::now();
+        let reply = command(state, conn, b"STLS\r\n").await?;
+        require_ok(conn, "STLS", reply)?;
+        conn.start_tls(tls).await?;
+        state
+            .stats
+            .borrow_mut()
+            .record("tls_handshake", handshake_start.elapsed());
+    }
     let login_start = Instant::now();
     let reply = command(state, conn, format!("USER {user}\r\n").as_bytes()).await?;
     let accepted = if reply.0 {

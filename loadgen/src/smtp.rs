@@ -124,6 +124,8 @@ pub struct SmtpPlan {
     pub threads: usize,
     /// Distinguishes this run's Message-IDs from other runs'.
     pub run_id: u64,
+    /// `--tls`: STARTTLS after EHLO with this client configuration, then EHLO again.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What one thread shares between its connections.
@@ -332,7 +334,26 @@ async fn session(
         .wire
         .extend_from_slice(format!("EHLO {}\r\n", plan.helo).as_bytes());
     conn.send(&buffers.wire).await?;
-    let (code, range) = read_reply(conn).await?;
+    let (mut code, mut range) = read_reply(conn).await?;
+    if let Some(tls) = &plan.tls {
+        if code != 250 || !ehlo_advertises(&conn.bytes()[range.clone()], "STARTTLS") {
+            return Err(SessionError::Unexpected {
+                step: "EHLO (--tls needs STARTTLS)",
+                reply: first_line(&conn.bytes()[range]),
+            });
+        }
+        let handshake_start = Instant::now();
+        conn.send(b"STARTTLS\r\n").await?;
+        let (starttls_code, starttls_range) = read_reply(conn).await?;
+        expect(conn, "STARTTLS", starttls_code, starttls_range, 220)?;
+        conn.start_tls(tls).await?;
+        state
+            .stats
+            .borrow_mut()
+            .record("tls_handshake", handshake_start.elapsed());
+        conn.send(&buffers.wire).await?;
+        (code, range) = read_reply(conn).await?;
+    }
     let pipelining = if code == 250 {
         plan.pipelining && ehlo_advertises(&conn.bytes()[range], "PIPELINING")
     } else {

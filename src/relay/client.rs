@@ -14,6 +14,37 @@
 //! Outcomes are per recipient: a 5xx to one RCPT bounces that recipient only; a 4xx, a 421,
 //! a timeout or a dropped connection defers everyone not yet decided, so that the queue
 //! tries the next MX or retries later.
+//!
+//! # Opportunistic STARTTLS (RFC 3207, RFC 7435)
+//!
+//! A client made with [`SmtpClient::opportunistic_tls`] sends STARTTLS after EHLO when the
+//! MX offers it. The delivery loop then does this (`OutboundStream` is in `crate::tls`):
+//!
+//! ```text
+//! let tls_config = tls::client_config(CertificatePolicy::Unverified)?;   // once per shard
+//! let mut stream = OutboundStream::Plain(tcp);
+//! let mut client = SmtpClient::opportunistic_tls(hostname);
+//! loop { match client.poll_action() {
+//!     Some(ClientAction::StartTls) => {
+//!         // The 220 to STARTTLS has been read; read nothing more in plain text.
+//!         match stream.start_tls(Arc::clone(&tls_config), mx_host).await {
+//!             Ok(tls) => { stream = tls; client.tls_established(); }
+//!             Err(e) => {
+//!                 // Nothing was given to this client yet: no outcome is lost. Reconnect to
+//!                 // the same address in plain text, without STARTTLS, and remember why.
+//!                 stream = OutboundStream::Plain(TcpStream::connect(addr).await?);
+//!                 client = SmtpClient::after_tls_failure(hostname, &e.to_string());
+//!             }
+//!         }
+//!     }
+//!     ... Send / SendBody / Ready / MessageDone / Failed / Close exactly as before ...
+//! }}
+//! // Log client.tls_status() (Encrypted / NotOffered / Refused / FellBack) with the outcome.
+//! ```
+//!
+//! The handshake happens before any message is given to the client (STARTTLS goes right after
+//! the first EHLO, and [`ClientAction::Ready`] only after the second), so a failed handshake
+//! costs a reconnect, never a recipient outcome.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -312,6 +343,10 @@ pub enum ClientAction {
     /// The session cannot go on (greeting or EHLO refused, 421, protocol error, timeout);
     /// the reply explains it for logs. Any message in flight was reported first, deferred.
     Failed(Reply),
+    /// The server answered 220 to STARTTLS: run the TLS client handshake on the socket,
+    /// reading nothing more in plain text, then call [`SmtpClient::tls_established`]; if the
+    /// handshake fails, reconnect with [`SmtpClient::after_tls_failure`].
+    StartTls,
     /// Close the connection once the preceding writes are done.
     Close,
 }
@@ -327,11 +362,29 @@ pub enum ClientError {
     RecipientCount(usize),
 }
 
+/// Whether and how this connection is encrypted, for logs and the delivery record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsStatus {
+    /// The client was not asked to try TLS ([`SmtpClient::new`]).
+    Disabled,
+    /// Not decided yet (before the EHLO reply, or while the handshake runs).
+    Pending,
+    /// The MX did not offer STARTTLS: plain text.
+    NotOffered,
+    /// The MX offered STARTTLS but refused it (this reply): plain text.
+    Refused(Reply),
+    /// STARTTLS succeeded: everything after the first EHLO went encrypted.
+    Encrypted,
+    /// An earlier connection's handshake failed (why): this one is plain text by choice.
+    FellBack(String),
+}
+
 /// A command whose reply we wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     Greeting,
     Ehlo,
+    StartTls,
     Helo,
     Rset,
     Mail,
@@ -384,6 +437,12 @@ pub struct SmtpClient {
     /// may still hold its state: RSET goes before the next MAIL.
     needs_rset: bool,
     actions: VecDeque<ClientAction>,
+    /// Send STARTTLS when the EHLO reply offers it.
+    try_starttls: bool,
+    /// Where TLS stands on this connection.
+    tls: TlsStatus,
+    /// STARTTLS was accepted: bytes until the handshake are not ours to read.
+    awaiting_handshake: bool,
 }
 
 impl SmtpClient {
@@ -398,7 +457,52 @@ impl SmtpClient {
             transaction: Transaction::default(),
             needs_rset: false,
             actions: VecDeque::new(),
+            try_starttls: false,
+            tls: TlsStatus::Disabled,
+            awaiting_handshake: false,
         }
+    }
+
+    /// A session that upgrades to TLS when the MX offers STARTTLS (opportunistic: the
+    /// certificate policy is the loop's TLS configuration). See the module docs for the loop.
+    pub fn opportunistic_tls(helo_name: &str) -> Self {
+        SmtpClient {
+            try_starttls: true,
+            tls: TlsStatus::Pending,
+            ..SmtpClient::new(helo_name)
+        }
+    }
+
+    /// A plain-text session on a fresh connection after a TLS handshake with the same host
+    /// failed (`why`); [`SmtpClient::tls_status`] reports the fallback.
+    pub fn after_tls_failure(helo_name: &str, why: &str) -> Self {
+        SmtpClient {
+            tls: TlsStatus::FellBack(why.chars().take(200).collect()),
+            ..SmtpClient::new(helo_name)
+        }
+    }
+
+    /// Whether and how this connection is encrypted.
+    pub fn tls_status(&self) -> &TlsStatus {
+        &self.tls
+    }
+
+    /// Completion of [`ClientAction::StartTls`]: the handshake succeeded. Per RFC 3207 §4.2
+    /// everything learnt in plain text is forgotten, any plain-text bytes that arrived behind
+    /// the 220 are discarded (a man in the middle could have injected them), and EHLO is sent
+    /// again.
+    pub fn tls_established(&mut self) {
+        if !self.awaiting_handshake {
+            return;
+        }
+        self.awaiting_handshake = false;
+        self.tls = TlsStatus::Encrypted;
+        self.parser = ReplyParser::default();
+        self.capabilities = Capabilities::default();
+        self.expected.clear();
+        self.expected.push_back(Expect::Ehlo);
+        let command = format!("EHLO {}\r\n", self.helo_name).into_bytes();
+        self.actions.push_back(ClientAction::Send(command));
     }
 
     /// What the server offered (empty until EHLO succeeded, and after HELO).
@@ -434,7 +538,7 @@ impl SmtpClient {
 
     /// Bytes read from the server.
     pub fn received(&mut self, bytes: &[u8]) {
-        if self.phase == Phase::Closed {
+        if self.phase == Phase::Closed || self.awaiting_handshake {
             return;
         }
         if self.parser.push(bytes).is_err() {
@@ -444,7 +548,9 @@ impl SmtpClient {
             match self.parser.next_reply() {
                 Ok(Some(reply)) => {
                     self.on_reply(reply);
-                    if self.phase == Phase::Closed {
+                    if self.phase == Phase::Closed || self.awaiting_handshake {
+                        // Plain text behind the 220 to STARTTLS is dropped with the parser
+                        // when TLS is established.
                         return;
                     }
                 }
@@ -664,6 +770,15 @@ impl SmtpClient {
             Expect::Ehlo => match reply.class() {
                 ReplyClass::Positive => {
                     self.capabilities = Capabilities::from_ehlo(&reply);
+                    if self.try_starttls && self.tls == TlsStatus::Pending {
+                        if self.capabilities.starttls {
+                            self.expected.push_back(Expect::StartTls);
+                            self.actions
+                                .push_back(ClientAction::Send(b"STARTTLS\r\n".to_vec()));
+                            return;
+                        }
+                        self.tls = TlsStatus::NotOffered;
+                    }
                     self.become_ready();
                 }
                 // RFC 5321 §3.2: a server that does not know EHLO answers 5xx; try HELO.
@@ -678,7 +793,21 @@ impl SmtpClient {
                 if reply.class() != ReplyClass::Positive {
                     return self.fail(reply);
                 }
+                if self.tls == TlsStatus::Pending {
+                    self.tls = TlsStatus::NotOffered;
+                }
                 self.capabilities = Capabilities::default();
+                self.become_ready();
+            }
+            Expect::StartTls => {
+                if reply.code == 220 {
+                    // No more plain text: the loop hands the socket to TLS now.
+                    self.awaiting_handshake = true;
+                    self.actions.push_back(ClientAction::StartTls);
+                    return;
+                }
+                // Refused (454 and the like): carry on in plain text with what EHLO said.
+                self.tls = TlsStatus::Refused(reply);
                 self.become_ready();
             }
             Expect::Rset => {
@@ -1649,5 +1778,74 @@ mod tests {
             prop_assert!(done_count <= 1 + usize::from(client.is_ready()));
             prop_assert!(client.is_closed() || client.is_ready());
         }
+    }
+
+    /// A client that tries STARTTLS, greeted and answered EHLO with `keywords`.
+    fn opportunistic(keywords: &str) -> (SmtpClient, Vec<ClientAction>) {
+        let mut client = SmtpClient::opportunistic_tls("relay.example.test");
+        client.received(b"220 mx.far.test ESMTP\r\n");
+        client.received(format!("250-mx.far.test\r\n{keywords}").as_bytes());
+        let actions = std::iter::from_fn(|| client.poll_action()).collect();
+        (client, actions)
+    }
+
+    #[test]
+    fn starttls_when_offered_then_ehlo_again_over_tls() {
+        let (mut client, actions) = opportunistic("250-PIPELINING\r\n250 STARTTLS\r\n");
+        assert_eq!(
+            actions,
+            [send("EHLO relay.example.test\r\n"), send("STARTTLS\r\n")]
+        );
+        assert!(!client.is_ready());
+        // A plain-text reply injected behind the 220 is never read as a reply.
+        client.received(b"220 2.0.0 go ahead\r\n250 2.1.0 injected\r\n");
+        assert_eq!(client.poll_action(), Some(ClientAction::StartTls));
+        assert_eq!(client.poll_action(), None);
+        assert_eq!(client.tls_status(), &TlsStatus::Pending);
+        client.tls_established();
+        assert_eq!(
+            client.poll_action(),
+            Some(send("EHLO relay.example.test\r\n"))
+        );
+        assert_eq!(client.capabilities(), &Capabilities::default());
+        client.received(b"250-mx.far.test\r\n250 8BITMIME\r\n");
+        assert_eq!(client.poll_action(), Some(ClientAction::Ready));
+        assert!(client.capabilities().eight_bit_mime && !client.capabilities().pipelining);
+        assert_eq!(client.tls_status(), &TlsStatus::Encrypted);
+    }
+
+    #[test]
+    fn plain_text_when_starttls_is_not_offered_or_refused() {
+        let (client, actions) = opportunistic("250 PIPELINING\r\n");
+        assert_eq!(actions.last(), Some(&ClientAction::Ready));
+        assert_eq!(client.tls_status(), &TlsStatus::NotOffered);
+
+        let (mut client, _) = opportunistic("250 STARTTLS\r\n");
+        client.received(b"454 4.7.0 TLS not available\r\n");
+        assert_eq!(client.poll_action(), Some(ClientAction::Ready));
+        assert_eq!(
+            client.tls_status(),
+            &TlsStatus::Refused(reply(454, "4.7.0 TLS not available"))
+        );
+        assert!(client.capabilities().starttls);
+    }
+
+    #[test]
+    fn a_fallback_session_never_tries_starttls_and_says_why() {
+        let mut client = SmtpClient::after_tls_failure("relay.example.test", "handshake failed");
+        client.received(b"220 hi\r\n250-mx\r\n250 STARTTLS\r\n");
+        let actions: Vec<_> = std::iter::from_fn(|| client.poll_action()).collect();
+        assert_eq!(
+            actions,
+            [send("EHLO relay.example.test\r\n"), ClientAction::Ready]
+        );
+        assert_eq!(
+            client.tls_status(),
+            &TlsStatus::FellBack("handshake failed".into())
+        );
+        // tls_established out of turn changes nothing.
+        client.tls_established();
+        assert_eq!(client.poll_action(), None);
+        assert!(client.is_ready());
     }
 }

@@ -45,10 +45,13 @@ pub async fn write_all<S: AsyncWrite + Unpin>(
     timeout: Duration,
 ) -> io::Result<()> {
     glommio::timer::timeout(timeout, async {
-        stream
-            .write_all(bytes)
-            .await
-            .map_err(glommio::GlommioError::IoError)
+        async {
+            // Flush too: a TLS stream holds encrypted records until flushed.
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        }
+        .await
+        .map_err(glommio::GlommioError::IoError)
     })
     .await
     .map_err(|e| match e {

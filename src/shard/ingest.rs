@@ -62,7 +62,12 @@ pub async fn store_transaction(
         helo: &transaction.helo,
         peer_ip: transaction.peer.ip(),
         hostname: &config.hostname,
-        protocol: received::Protocol::new(transaction.esmtp, false, false, transaction.smtputf8),
+        protocol: received::Protocol::new(
+            transaction.esmtp,
+            transaction.tls,
+            transaction.authenticated,
+            transaction.smtputf8,
+        ),
         queue_id: &queue_id,
         recipient: (transaction.recipients.len() == 1)
             .then(|| transaction.recipients[0].address.as_str()),

@@ -9,10 +9,12 @@ mod conn;
 mod inbox;
 mod ingest;
 pub mod ledger;
+mod login;
 pub mod mesh;
 mod pop3_conn;
 mod recovery;
 mod smtp_conn;
+mod stream;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -230,10 +232,11 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
             max_message_size: config.smtp.max_message_size,
             max_recipients: config.smtp.max_recipients,
             directory: Rc::new(shared.directory.clone()),
+            starttls_available: shared.tls.is_some(),
         }),
         pop3_params: Rc::new(crate::pop3::SessionParams {
             greeting_host: config.hostname.clone(),
-            stls_available: false,
+            stls_available: shared.tls.is_some(),
         }),
         next_session: Cell::new(1),
         free_space: Cell::new((Instant::now() - FREE_SPACE_SAMPLE, 0)),
@@ -354,14 +357,14 @@ async fn serve_connection(shard: Rc<Shard>, kind: ListenerKind, stream: TcpStrea
         return;
     };
     let _ = stream.set_nodelay(true);
+    let stream = stream::ConnStream::Plain(stream);
     match kind {
-        ListenerKind::Smtp | ListenerKind::Submission => {
+        ListenerKind::Smtp | ListenerKind::Submission | ListenerKind::SmtpTls => {
             smtp_conn::serve(shard, stream, peer, kind).await
         }
-        ListenerKind::Pop3 => pop3_conn::serve(shard, stream, peer).await,
-        // Implicit TLS needs [tls]; configuration refuses these listeners without it, and TLS
-        // itself arrives with its own issue. Closing is the honest answer meanwhile.
-        ListenerKind::SmtpTls | ListenerKind::Pop3Tls => drop(stream),
+        ListenerKind::Pop3 | ListenerKind::Pop3Tls => {
+            pop3_conn::serve(shard, stream, peer, kind).await
+        }
     }
 }
 

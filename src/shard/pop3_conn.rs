@@ -7,17 +7,19 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_lite::{future, AsyncRead, AsyncWrite};
+use futures_lite::{future, AsyncWrite};
 
 use super::conn::{read_some, write_all, ReadOutcome};
 use super::ingest::{record_outcome, return_path_line};
 use super::mesh::{reply_channel, MeshMessage};
+use super::stream::ConnStream;
 use super::Shard;
 use crate::envelope::{self, Outcome};
 use crate::limits::Refusal;
 use crate::mailbox::{OpenRefusal, SessionId};
 use crate::pop3::{Action, MessageKey, OpenFailure, PeerInfo, Session};
 use crate::routing::owner_shard;
+use crate::server::ListenerKind;
 use crate::store::{RecordId, RecordRef};
 
 /// How long a RETR may wait for the client to take the bytes.
@@ -51,12 +53,8 @@ impl Drop for HeldMaildrop {
     }
 }
 
-/// Serves one POP3 connection to the end.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: Rc<Shard>,
-    mut stream: S,
-    peer: SocketAddr,
-) {
+/// Serves one POP3 connection to the end; on `pop3.tls_listen` the TLS handshake runs first.
+pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, kind: ListenerKind) {
     let config = &shard.shared.config;
     let _slot = match shard.shared.pop3_limits.admit(peer.ip()) {
         Ok(slot) => slot,
@@ -70,13 +68,25 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     };
+    if kind == ListenerKind::Pop3Tls {
+        let Some(tls) = &shard.shared.tls else {
+            return;
+        };
+        stream = match stream.start_tls(tls).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(shard = shard.id, client = %peer, "pop3s handshake: {e}");
+                return;
+            }
+        };
+    }
     let mut session = Session::new(
         Rc::clone(&shard.pop3_params),
         PeerInfo {
             addr: peer,
-            // Until TLS exists, passwords are accepted only where they never leave the host.
-            plaintext_auth_allowed: is_loopback(peer.ip()),
-            tls: false,
+            // Passwords are accepted only where they cannot be sniffed.
+            plaintext_auth_allowed: stream.is_tls() || is_loopback(peer.ip()),
+            tls: stream.is_tls(),
         },
     );
     let holder = SessionId {
@@ -180,8 +190,20 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 drop(maildrop.take());
                 session.commit_done(ok);
             }
-            // STLS is only offered with [tls], which this build refuses at configuration.
-            Action::StartTls => break,
+            // The session sends +OK and asks for this only with nothing buffered behind STLS.
+            Action::StartTls => {
+                let Some(tls) = &shard.shared.tls else {
+                    break;
+                };
+                stream = match stream.start_tls(tls).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(shard = shard.id, client = %peer, "stls handshake: {e}");
+                        break;
+                    }
+                };
+                session.tls_started();
+            }
             Action::Close => {
                 let n = session.output().len();
                 if n > 0 {

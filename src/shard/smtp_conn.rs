@@ -9,10 +9,11 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::{future, AsyncRead, AsyncWrite};
+use futures_lite::future;
 
 use super::conn::{read_some, write_all, ReadOutcome};
-use super::{ingest, Shard};
+use super::stream::ConnStream;
+use super::{ingest, login, Shard};
 use crate::server::ListenerKind;
 use crate::smtp::{Action, PeerInfo, Session};
 
@@ -24,13 +25,9 @@ pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
 /// How long a reply may wait for the client to read it.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Serves one SMTP connection to the end.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: Rc<Shard>,
-    mut stream: S,
-    peer: SocketAddr,
-    _kind: ListenerKind,
-) {
+/// Serves one SMTP connection to the end. On an implicit-TLS listener the handshake runs
+/// first, after admission, so refused connections cost no handshake.
+pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, kind: ListenerKind) {
     let config = &shard.shared.config;
     let _slot = match shard.shared.smtp_limits.admit(peer.ip()) {
         Ok(slot) => slot,
@@ -41,6 +38,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     };
+    if kind == ListenerKind::SmtpTls {
+        let Some(tls) = &shard.shared.tls else {
+            return;
+        };
+        stream = match stream.start_tls(tls).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(shard = shard.id, client = %peer, "smtps handshake: {e}");
+                return;
+            }
+        };
+    }
     let relay_allowed = config
         .smtp
         .relay_networks
@@ -51,7 +60,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         PeerInfo {
             addr: peer,
             relay_allowed,
-            tls: false,
+            tls: stream.is_tls(),
+            auth_required: matches!(kind, ListenerKind::Submission | ListenerKind::SmtpTls),
         },
     );
     let idle_timeout = config.smtp.idle_timeout;
@@ -78,6 +88,26 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 session.message_stored(result);
             }
             Action::Close => break "closed",
+            Action::StartTls => {
+                // The session refuses STARTTLS with input pending behind it and offers it only
+                // with [tls]; the 220 is flushed above, so the handshake may start now.
+                let Some(tls) = &shard.shared.tls else {
+                    break "starttls without tls";
+                };
+                stream = match stream.start_tls(tls).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(shard = shard.id, client = %peer, "starttls handshake: {e}");
+                        session.peer_closed();
+                        break "tls handshake failed";
+                    }
+                };
+                session.tls_started();
+            }
+            Action::Authenticate { user, password } => {
+                let ok = login::verify(&shard, peer, "smtp", user, password).await;
+                session.auth_checked(ok);
+            }
             Action::Idle => {
                 // Long replies are produced as output drains: flush before anything else.
                 if !session.output().is_empty() {

@@ -9,6 +9,13 @@ use super::reply::{replies, Reply};
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE_BYTES: usize = 512;
 
+/// Longest AUTH command or SASL response line, CRLF included (RFC 4954 §4): initial responses
+/// can be long, so AUTH lines get more room than other commands.
+pub const MAX_AUTH_LINE_BYTES: usize = 12_288;
+
+/// Longest SASL mechanism name (RFC 4422 §3.1: 1 to 20 characters).
+const MAX_MECHANISM_BYTES: usize = 20;
+
 /// Longest SIZE or BDAT number we read: 20 digits already exceed u64.
 const MAX_NUMBER_DIGITS: usize = 20;
 
@@ -56,10 +63,15 @@ pub enum Command<'a> {
     Vrfy,
     /// HELP (argument ignored).
     Help,
-    /// STARTTLS: recognised so the seam exists; refused until TLS is configured.
+    /// STARTTLS (RFC 3207): offered only when `[tls]` is configured.
     StartTls,
-    /// AUTH: recognised so the seam exists; refused until AUTH is implemented.
-    Auth,
+    /// AUTH (RFC 4954).
+    Auth {
+        /// The SASL mechanism as sent (matched case-insensitively by the session).
+        mechanism: &'a str,
+        /// The base64 initial response, if the client sent one (`=` means empty).
+        initial_response: Option<&'a str>,
+    },
     /// A verb RFC 5321 defines that we do not offer (EXPN, TURN, ...).
     NotImplemented,
 }
@@ -174,7 +186,7 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
     } else if is("STARTTLS") {
         no_args(Command::StartTls)
     } else if is("AUTH") {
-        Ok(Command::Auth)
+        parse_auth(args)
     } else if is("EXPN") || is("TURN") || is("ETRN") || is("SEND") || is("SOML") || is("SAML") {
         Ok(Command::NotImplemented)
     } else if args.is_some() && HTTP_METHODS.iter().any(|m| is(m)) {
@@ -182,6 +194,25 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
     } else {
         Err(CommandError::Unrecognized)
     }
+}
+
+/// AUTH arguments: a mechanism name and an optional initial response, nothing more.
+fn parse_auth(args: Option<&str>) -> Result<Command<'_>, CommandError> {
+    let mut words = args.unwrap_or("").split(' ');
+    let mechanism = words.next().unwrap_or("");
+    let initial_response = words.next();
+    let mechanism_ok = !mechanism.is_empty()
+        && mechanism.len() <= MAX_MECHANISM_BYTES
+        && mechanism
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !mechanism_ok || words.next().is_some() || initial_response == Some("") {
+        return Err(CommandError::Syntax);
+    }
+    Ok(Command::Auth {
+        mechanism,
+        initial_response,
+    })
 }
 
 /// EHLO/HELO argument: one printable token. We accept any printable name rather than a
@@ -462,7 +493,32 @@ mod tests {
             ("HELP", Ok(Help)),
             ("HELP MAIL", Ok(Help)),
             ("STARTTLS", Ok(StartTls)),
-            ("AUTH PLAIN", Ok(Auth)),
+            (
+                "AUTH PLAIN",
+                Ok(Auth {
+                    mechanism: "PLAIN",
+                    initial_response: None,
+                }),
+            ),
+            (
+                "auth login dXNlcg==",
+                Ok(Auth {
+                    mechanism: "login",
+                    initial_response: Some("dXNlcg=="),
+                }),
+            ),
+            (
+                "AUTH PLAIN =",
+                Ok(Auth {
+                    mechanism: "PLAIN",
+                    initial_response: Some("="),
+                }),
+            ),
+            ("AUTH", Err(Syntax)),
+            ("AUTH PLAIN a b", Err(Syntax)),
+            ("AUTH PL/AIN", Err(Syntax)),
+            ("AUTH  PLAIN", Err(Syntax)),
+            ("AUTH ABCDEFGHIJKLMNOPQRSTU", Err(Syntax)),
             ("EXPN list", Ok(NotImplemented)),
             ("GET / HTTP/1.1", Err(Http)),
             ("POST /submit HTTP/1.1", Err(Http)),
@@ -507,7 +563,7 @@ mod tests {
 
         #[test]
         fn never_panics_on_near_commands(
-            verb in "(MAIL FROM:|RCPT TO:|BDAT |EHLO |GET )",
+            verb in "(MAIL FROM:|RCPT TO:|BDAT |EHLO |GET |AUTH )",
             rest in "[ -~]{0,300}",
         ) {
             let _ = parse(format!("{verb}{rest}").as_bytes());

@@ -26,6 +26,8 @@ pub mod session;
 mod dialogue_tests;
 #[cfg(test)]
 mod session_tests;
+#[cfg(test)]
+mod tls_auth_tests;
 
 pub use session::{
     connection_refused, Action, Discarded, PeerInfo, Recipient, Session, SessionParams,

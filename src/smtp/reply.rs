@@ -215,6 +215,60 @@ pub mod replies {
         E::new(4, 7, 0),
         "Too many errors, closing transmission channel",
     );
+    /// STARTTLS accepted: the handshake starts right after this line.
+    pub const READY_TO_START_TLS: Reply = Reply::new(220, E::new(2, 0, 0), "Ready to start TLS");
+    /// Bytes followed STARTTLS before the handshake (CVE-2011-0411): they are never run and
+    /// the connection closes after this reply.
+    pub const DATA_AFTER_STARTTLS: Reply = Reply::new(
+        554,
+        E::new(5, 5, 1),
+        "Commands pipelined after STARTTLS are refused; closing",
+    );
+    /// STARTTLS on a connection that is already TLS; the connection closes after this reply.
+    pub const TLS_ALREADY_ACTIVE: Reply =
+        Reply::new(554, E::new(5, 5, 1), "TLS already active; closing");
+    /// AUTH (or MAIL on a listener that requires AUTH) before TLS where TLS could be had.
+    pub const NEED_STARTTLS: Reply =
+        Reply::new(530, E::new(5, 7, 0), "Must issue a STARTTLS command first");
+    /// MAIL before AUTH on a submission or implicit-TLS listener.
+    pub const AUTH_REQUIRED: Reply = Reply::new(530, E::new(5, 7, 0), "Authentication required");
+    /// AUTH where it is not offered: neither TLS nor loopback, and no STARTTLS to get TLS.
+    pub const AUTH_NOT_AVAILABLE: Reply = Reply::new(
+        502,
+        E::new(5, 5, 1),
+        "Authentication not available on this connection",
+    );
+    /// A second AUTH after a successful one (RFC 4954 §4).
+    pub const ALREADY_AUTHENTICATED: Reply =
+        Reply::new(503, E::new(5, 5, 1), "Already authenticated");
+    /// AUTH inside a mail transaction (RFC 4954 §4).
+    pub const AUTH_IN_TRANSACTION: Reply = Reply::new(
+        503,
+        E::new(5, 5, 1),
+        "AUTH not permitted during a mail transaction",
+    );
+    /// A SASL mechanism we do not offer.
+    pub const UNKNOWN_MECHANISM: Reply =
+        Reply::new(504, E::new(5, 5, 4), "Unrecognized authentication type");
+    /// The client answered a 334 challenge with `*` (RFC 4954 §4).
+    pub const AUTH_CANCELLED: Reply = Reply::new(501, E::new(5, 0, 0), "Authentication cancelled");
+    /// A SASL response that is not base64 or not a well-formed PLAIN/LOGIN answer.
+    pub const AUTH_MALFORMED: Reply = Reply::new(
+        501,
+        E::new(5, 5, 2),
+        "Cannot decode the authentication response",
+    );
+    /// Credentials verified (RFC 4954 §6).
+    pub const AUTH_SUCCEEDED: Reply = Reply::new(235, E::new(2, 7, 0), "Authentication successful");
+    /// Wrong user or password (RFC 4954 §6); sent after the throttle's delay.
+    pub const AUTH_FAILED: Reply =
+        Reply::new(535, E::new(5, 7, 8), "Authentication credentials invalid");
+    /// An authenticated client used a MAIL FROM that is not its own address.
+    pub const SENDER_NOT_OWNED: Reply = Reply::new(
+        553,
+        E::new(5, 7, 1),
+        "Sender address is not owned by the authenticated user",
+    );
     /// An HTTP request on the SMTP port (cross-protocol attack); the connection closes.
     pub const HTTP_REFUSED: Reply = Reply::new(
         554,
@@ -291,6 +345,20 @@ mod tests {
             TOO_MANY_ERRORS,
             HTTP_REFUSED,
             TIMEOUT,
+            READY_TO_START_TLS,
+            DATA_AFTER_STARTTLS,
+            TLS_ALREADY_ACTIVE,
+            NEED_STARTTLS,
+            AUTH_REQUIRED,
+            AUTH_NOT_AVAILABLE,
+            ALREADY_AUTHENTICATED,
+            AUTH_IN_TRANSACTION,
+            UNKNOWN_MECHANISM,
+            AUTH_CANCELLED,
+            AUTH_MALFORMED,
+            AUTH_SUCCEEDED,
+            AUTH_FAILED,
+            SENDER_NOT_OWNED,
         ] {
             let enhanced = reply.enhanced.expect("every reply but 354 has a code");
             assert_eq!(u16::from(enhanced.class), reply.code / 100, "{reply:?}");

@@ -32,15 +32,17 @@ use super::command::{self, BodyType, Command, CommandError, MailParams};
 use super::data::{DataScanner, ScanOutcome, Stuffer, TERMINATOR_TAIL_BYTES};
 use super::received::{self, Protocol, ReceivedFields};
 use super::reply::{replies, write_line, EnhancedCode, Reply};
+use crate::auth::{decode_sasl_plain, MAX_SASL_PLAIN_BASE64_LEN, MAX_SASL_PLAIN_FIELD_LEN};
 use crate::routing::{Directory, Route, RouteRefusal};
 
 /// Size of each input buffer in DATA (and BDAT). A full buffer becomes one piece of the
 /// body, so this is also the granularity of log appends.
 pub const DATA_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Size of the input buffer between messages: room for a pipelined command group, small
-/// enough that ten thousand idle connections cost tens of megabytes, not hundreds.
-pub const COMMAND_BUFFER_BYTES: usize = 4 * 1024;
+/// Size of the input buffer between messages: room for one AUTH line of RFC 4954's 12,288
+/// octets (or a pipelined command group), small enough that ten thousand idle connections
+/// cost about 160 MB, not the 640 MB that data-sized buffers would.
+pub const COMMAND_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Reading pauses while more replies than this are unsent (RFC 2920 pipelining must not
 /// grow memory without bound), and command processing pauses with it.
@@ -78,6 +80,8 @@ pub struct SessionParams {
     pub max_recipients: usize,
     /// Local domains and users, for routing at RCPT.
     pub directory: Rc<Directory>,
+    /// `[tls]` is configured: EHLO offers STARTTLS on plain connections.
+    pub starttls_available: bool,
 }
 
 /// What the loop knows about the client when it accepts the connection.
@@ -87,8 +91,10 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// The client is in `relay_networks`: it may send to remote domains.
     pub relay_allowed: bool,
-    /// The connection is TLS (implicit TLS, or after STARTTLS once it exists).
+    /// The connection is TLS (implicit TLS, or after STARTTLS).
     pub tls: bool,
+    /// The listener demands AUTH before MAIL (`submission_listen`, `tls_listen`).
+    pub auth_required: bool,
 }
 
 /// Why the loop could not store a message; decides the reply to the end of data.
@@ -125,6 +131,8 @@ pub struct Transaction {
     pub esmtp: bool,
     /// The connection was TLS, for the Received WITH clause.
     pub tls: bool,
+    /// The client had authenticated (SMTP AUTH), for the Received WITH clause.
+    pub authenticated: bool,
     /// The reverse-path as received; "" is the null path `<>`.
     pub mail_from: String,
     /// Accepted recipients in RCPT order, each with its route.
@@ -153,7 +161,7 @@ impl Transaction {
             helo: &self.helo,
             peer_ip: self.peer.ip(),
             hostname,
-            protocol: Protocol::new(self.esmtp, self.tls, false, self.smtputf8),
+            protocol: Protocol::new(self.esmtp, self.tls, self.authenticated, self.smtputf8),
             queue_id,
             recipient,
             unix_time_secs,
@@ -172,9 +180,18 @@ pub enum Action {
     /// Write what is left in [`Session::output`], then close the connection: after
     /// QUIT, 421, too many errors, an HTTP request, or the peer closing.
     Close,
-    // Seams for later issues: `StartTls` (hand the stream to TLS, then the session
-    // restarts with `PeerInfo::tls = true`) and `Auth` (verify credentials off the hot
-    // path) will join here.
+    /// The client sent STARTTLS and nothing behind it: write [`Session::output`] (the 220),
+    /// run the TLS handshake on the socket without reading plain text first, then call
+    /// [`Session::tls_started`]; if the handshake fails, close the connection.
+    StartTls,
+    /// Verify these credentials off the executor (argon2 is slow), delay a failure by the
+    /// client address's throttle, then call [`Session::auth_checked`].
+    Authenticate {
+        /// The user name (the full mail address) as the client sent it.
+        user: String,
+        /// The clear-text password.
+        password: String,
+    },
 }
 
 /// What [`Session::peer_closed`] threw away.
@@ -245,6 +262,20 @@ struct BdatChunk {
     refusal: Option<Reply>,
 }
 
+/// Where a SASL exchange stands after a 334 challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SaslStep {
+    /// AUTH PLAIN without an initial response: the next line is the PLAIN message.
+    PlainResponse,
+    /// AUTH LOGIN: the next line is the base64 user name.
+    LoginUser,
+    /// AUTH LOGIN: the next line is the base64 password for this user.
+    LoginPassword {
+        /// The decoded user name.
+        user: String,
+    },
+}
+
 /// Which receiver the next input goes to.
 #[derive(Debug)]
 enum Phase {
@@ -258,6 +289,12 @@ enum Phase {
     Bdat(BdatChunk),
     /// A StoreMessage action is out; nothing runs until `message_stored`.
     AwaitingStore,
+    /// A 334 challenge is out: the next line is a SASL response, not a command.
+    Sasl(SaslStep),
+    /// An Authenticate action is out; nothing runs until `auth_checked`.
+    AwaitingAuth,
+    /// A StartTls action is out; nothing runs until `tls_started`.
+    AwaitingTls,
     /// Closing or closed: no more input is processed.
     Closed,
 }
@@ -289,6 +326,14 @@ pub struct Session {
     errors: u32,
     /// A message ready for the loop.
     pending_store: Option<Transaction>,
+    /// Credentials ready for the loop to verify; the user name is kept until the answer.
+    pending_auth: Option<(String, String)>,
+    /// The user whose credentials are being verified.
+    auth_candidate: Option<String>,
+    /// The authenticated user's address, after a successful AUTH.
+    authenticated: Option<String>,
+    /// A StartTls action is ready for the loop.
+    pending_tls: bool,
     /// Body bytes copied in user space (kept in every build: one add per copy).
     body_bytes_copied: u64,
 }
@@ -316,6 +361,10 @@ impl Session {
             envelope: None,
             errors: 0,
             pending_store: None,
+            pending_auth: None,
+            auth_candidate: None,
+            authenticated: None,
+            pending_tls: false,
             body_bytes_copied: 0,
         }
     }
@@ -332,6 +381,11 @@ impl Session {
     /// Reports `n` bytes read into [`Session::input_buffer`] and processes everything
     /// buffered (PIPELINING), stopping early only for a store, a close or full output.
     pub fn input_filled(&mut self, n: usize) {
+        if n > 0 && matches!(self.phase, Phase::AwaitingTls) {
+            // Plain text between STARTTLS and the handshake is never run (RFC 3207 §5).
+            self.close();
+            return;
+        }
         self.filled = (self.filled + n).min(self.input.len());
         self.process();
     }
@@ -340,6 +394,13 @@ impl Session {
     pub fn poll_action(&mut self) -> Action {
         if let Some(transaction) = self.pending_store.take() {
             return Action::StoreMessage(transaction);
+        }
+        if let Some((user, password)) = self.pending_auth.take() {
+            return Action::Authenticate { user, password };
+        }
+        if self.pending_tls && !matches!(self.phase, Phase::Closed) {
+            self.pending_tls = false;
+            return Action::StartTls;
         }
         match self.phase {
             Phase::Closed => Action::Close,
@@ -392,10 +453,50 @@ impl Session {
         self.process();
     }
 
+    /// Completion of [`Action::Authenticate`]: `true` when the password matched. The loop
+    /// has already waited out the throttle's delay for a failure.
+    pub fn auth_checked(&mut self, ok: bool) {
+        if !matches!(self.phase, Phase::AwaitingAuth) {
+            return;
+        }
+        self.phase = Phase::Command;
+        let user = self.auth_candidate.take();
+        if ok {
+            self.authenticated = user;
+            self.reply(replies::AUTH_SUCCEEDED);
+        } else {
+            self.reply(replies::AUTH_FAILED);
+        }
+        self.process();
+    }
+
+    /// Completion of [`Action::StartTls`]: the handshake succeeded. The session starts over
+    /// as RFC 3207 §4.2 demands: no greeting, EHLO needed again, and nothing learnt before
+    /// the handshake (EHLO name, AUTH, envelope) survives.
+    pub fn tls_started(&mut self) {
+        if !matches!(self.phase, Phase::AwaitingTls) {
+            return;
+        }
+        self.peer.tls = true;
+        self.helo = None;
+        self.envelope = None;
+        self.authenticated = None;
+        self.auth_candidate = None;
+        self.pending_auth = None;
+        self.filled = 0;
+        self.consumed = 0;
+        self.phase = Phase::Command;
+    }
+
+    /// The user this session authenticated as, if any.
+    pub fn authenticated_user(&self) -> Option<&str> {
+        self.authenticated.as_deref()
+    }
+
     /// True when the loop should read: not closing, replies below 64 KiB, and room in
     /// the input buffer.
     pub fn wants_input(&self) -> bool {
-        !matches!(self.phase, Phase::Closed)
+        !matches!(self.phase, Phase::Closed | Phase::AwaitingTls)
             && self.output().len() <= MAX_UNSENT_OUTPUT_BYTES
             && (self.filled < self.input.len() || (self.consumed > 0 && !self.in_body()))
     }
@@ -518,15 +619,20 @@ impl Session {
     /// Runs receivers over buffered input until it is used up or something must wait.
     fn process(&mut self) {
         loop {
-            if self.output().len() > MAX_UNSENT_OUTPUT_BYTES || self.pending_store.is_some() {
+            if self.output().len() > MAX_UNSENT_OUTPUT_BYTES
+                || self.pending_store.is_some()
+                || self.pending_auth.is_some()
+            {
                 return;
             }
             let progressed = match self.phase {
-                Phase::Command => self.process_command_line(),
+                Phase::Command | Phase::Sasl(_) => self.process_command_line(),
                 Phase::DiscardingLongLine => self.discard_long_line(),
                 Phase::Data(_) => self.process_data(),
                 Phase::Bdat(_) => self.process_bdat(),
-                Phase::AwaitingStore | Phase::Closed => false,
+                Phase::AwaitingStore | Phase::AwaitingAuth | Phase::AwaitingTls | Phase::Closed => {
+                    false
+                }
             };
             if !progressed {
                 break;
@@ -540,8 +646,10 @@ impl Session {
                 // buffer back rather than hold it while idle.
                 self.input = fresh_buffer(COMMAND_BUFFER_BYTES);
             }
-        } else if matches!(self.phase, Phase::Command | Phase::DiscardingLongLine)
-            && self.input.len() - self.filled < command::MAX_COMMAND_LINE_BYTES
+        } else if matches!(
+            self.phase,
+            Phase::Command | Phase::DiscardingLongLine | Phase::Sasl(_)
+        ) && self.input.len() - self.filled < command::MAX_AUTH_LINE_BYTES
         {
             // Keep room for a whole command line behind a partial one.
             self.compact_input();
@@ -551,8 +659,9 @@ impl Session {
     /// Handles one complete command line if one is buffered; false if none is.
     fn process_command_line(&mut self) -> bool {
         let window = &self.input[self.consumed..self.filled];
+        let max_line_bytes = self.max_line_bytes(window);
         let Some(lf) = memchr(b'\n', window) else {
-            if window.len() >= command::MAX_COMMAND_LINE_BYTES {
+            if window.len() >= max_line_bytes {
                 // Drop what we have; the rest goes as it arrives.
                 self.consumed = self.filled;
                 self.phase = Phase::DiscardingLongLine;
@@ -563,7 +672,10 @@ impl Session {
         let line_len = lf + 1;
         let start = self.consumed;
         self.consumed += line_len;
-        if line_len > command::MAX_COMMAND_LINE_BYTES {
+        if line_len > max_line_bytes {
+            if matches!(self.phase, Phase::Sasl(_)) {
+                self.phase = Phase::Command;
+            }
             self.reply(replies::LINE_TOO_LONG);
             return true;
         }
@@ -577,8 +689,14 @@ impl Session {
         }
         // Take the buffer out so the parsed command can borrow it while `self` changes.
         let input = mem::take(&mut self.input);
-        let parsed = command::parse(&input[start..start + line_len - 2]);
-        self.handle(parsed);
+        let content = &input[start..start + line_len - 2];
+        if let Phase::Sasl(step) = &self.phase {
+            let step = step.clone();
+            self.sasl_response(step, content);
+        } else {
+            let parsed = command::parse(content);
+            self.handle(parsed);
+        }
         self.input = input;
         let body_follows = match &self.phase {
             Phase::Data(_) => true,
@@ -605,6 +723,20 @@ impl Session {
         self.filled = early.len();
         self.consumed = 0;
         self.input = data_buffer;
+    }
+
+    /// The longest line allowed at the front of `window`: AUTH commands and SASL responses
+    /// get RFC 4954's 12,288 octets, every other command RFC 5321's 512.
+    fn max_line_bytes(&self, window: &[u8]) -> usize {
+        let auth_line = matches!(self.phase, Phase::Sasl(_))
+            || window
+                .get(..5)
+                .is_some_and(|verb| verb.eq_ignore_ascii_case(b"AUTH "));
+        if auth_line {
+            command::MAX_AUTH_LINE_BYTES
+        } else {
+            command::MAX_COMMAND_LINE_BYTES
+        }
     }
 
     fn discard_long_line(&mut self) -> bool {
@@ -653,10 +785,110 @@ impl Session {
             }
             Command::Vrfy => self.reply(replies::CANNOT_VRFY),
             Command::Help => self.reply(replies::HELP),
-            Command::StartTls | Command::Auth | Command::NotImplemented => {
-                self.reply(replies::NOT_IMPLEMENTED)
-            }
+            Command::StartTls => self.start_tls(),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response),
+            Command::NotImplemented => self.reply(replies::NOT_IMPLEMENTED),
         }
+    }
+
+    /// AUTH is offered only where a password cannot be sniffed: TLS or loopback (SPEC §3).
+    fn auth_offered(&self) -> bool {
+        self.peer.tls || is_loopback(self.peer.addr.ip())
+    }
+
+    fn start_tls(&mut self) {
+        if !self.params.starttls_available {
+            return self.reply(replies::NOT_IMPLEMENTED);
+        }
+        if self.peer.tls {
+            self.reply(replies::TLS_ALREADY_ACTIVE);
+            return self.close();
+        }
+        if self.consumed != self.filled {
+            // CVE-2011-0411: whatever follows STARTTLS in plain text would otherwise run as if
+            // it had come over TLS. Never run it; close.
+            self.reply(replies::DATA_AFTER_STARTTLS);
+            return self.close();
+        }
+        self.reply(replies::READY_TO_START_TLS);
+        self.phase = Phase::AwaitingTls;
+        self.pending_tls = true;
+    }
+
+    fn auth(&mut self, mechanism: &str, initial_response: Option<&str>) {
+        if !self.auth_offered() {
+            return self.reply(if self.params.starttls_available {
+                replies::NEED_STARTTLS
+            } else {
+                replies::AUTH_NOT_AVAILABLE
+            });
+        }
+        if !self.helo.as_ref().is_some_and(|h| h.esmtp) {
+            return self.reply(replies::NEED_HELO);
+        }
+        if self.authenticated.is_some() {
+            return self.reply(replies::ALREADY_AUTHENTICATED);
+        }
+        if self.envelope.is_some() {
+            return self.reply(replies::AUTH_IN_TRANSACTION);
+        }
+        let initial = initial_response.map(|r| r.as_bytes());
+        if mechanism.eq_ignore_ascii_case("PLAIN") {
+            match initial {
+                Some(response) => self.sasl_response(SaslStep::PlainResponse, response),
+                None => self.challenge(SaslStep::PlainResponse, b""),
+            }
+        } else if mechanism.eq_ignore_ascii_case("LOGIN") {
+            match initial {
+                Some(response) => self.sasl_response(SaslStep::LoginUser, response),
+                // "Username:"
+                None => self.challenge(SaslStep::LoginUser, b"VXNlcm5hbWU6"),
+            }
+        } else {
+            self.reply(replies::UNKNOWN_MECHANISM);
+        }
+    }
+
+    /// Sends a 334 challenge; the next line is the client's response.
+    fn challenge(&mut self, step: SaslStep, text: &[u8]) {
+        write_line(&mut self.output, 334, false, None, text);
+        self.phase = Phase::Sasl(step);
+    }
+
+    /// One SASL response line (initial response or answer to a 334).
+    fn sasl_response(&mut self, step: SaslStep, line: &[u8]) {
+        self.phase = Phase::Command;
+        if line == b"*" {
+            return self.reply(replies::AUTH_CANCELLED);
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            return self.reply(replies::AUTH_MALFORMED);
+        };
+        match step {
+            SaslStep::PlainResponse => match decode_sasl_plain(text) {
+                Ok(plain) => self.verify(plain.authcid, plain.password),
+                Err(_) => self.reply(replies::AUTH_MALFORMED),
+            },
+            SaslStep::LoginUser => match decode_login_field(text) {
+                // "Password:"
+                Some(user) => self.challenge(SaslStep::LoginPassword { user }, b"UGFzc3dvcmQ6"),
+                None => self.reply(replies::AUTH_MALFORMED),
+            },
+            SaslStep::LoginPassword { user } => match decode_login_field(text) {
+                Some(password) => self.verify(user, password),
+                None => self.reply(replies::AUTH_MALFORMED),
+            },
+        }
+    }
+
+    /// Hands the credentials to the loop; nothing runs until [`Session::auth_checked`].
+    fn verify(&mut self, user: String, password: String) {
+        self.auth_candidate = Some(user.clone());
+        self.pending_auth = Some((user, password));
+        self.phase = Phase::AwaitingAuth;
     }
 
     fn ehlo(&mut self, domain: &str, esmtp: bool) {
@@ -672,15 +904,20 @@ impl Session {
             return;
         }
         let size = format!("SIZE {}", self.params.max_message_size);
-        let lines: [&[u8]; 7] = [
-            hostname.as_bytes(),
-            b"PIPELINING",
-            size.as_bytes(),
-            b"8BITMIME",
-            b"ENHANCEDSTATUSCODES",
-            b"CHUNKING",
-            b"SMTPUTF8",
+        let starttls = self.params.starttls_available && !self.peer.tls;
+        let auth = self.auth_offered();
+        let lines: [Option<&[u8]>; 9] = [
+            Some(hostname.as_bytes()),
+            Some(b"PIPELINING"),
+            Some(size.as_bytes()),
+            Some(b"8BITMIME"),
+            Some(b"ENHANCEDSTATUSCODES"),
+            Some(b"CHUNKING"),
+            Some(b"SMTPUTF8"),
+            starttls.then_some(b"STARTTLS".as_slice()),
+            auth.then_some(b"AUTH PLAIN LOGIN".as_slice()),
         ];
+        let lines: Vec<&[u8]> = lines.into_iter().flatten().collect();
         for (i, line) in lines.iter().enumerate() {
             write_line(&mut self.output, 250, i + 1 < lines.len(), None, line);
         }
@@ -690,6 +927,13 @@ impl Session {
         let Some(helo) = &self.helo else {
             return self.reply(replies::NEED_HELO);
         };
+        if self.peer.auth_required && self.authenticated.is_none() {
+            return self.reply(if self.auth_offered() || !self.params.starttls_available {
+                replies::AUTH_REQUIRED
+            } else {
+                replies::NEED_STARTTLS
+            });
+        }
         if self.envelope.is_some() {
             return self.reply(replies::NESTED_MAIL);
         }
@@ -708,6 +952,13 @@ impl Session {
                 mailbox.text.to_string()
             }
         };
+        if let Some(user) = &self.authenticated {
+            // An authenticated client sends as itself only: no forged senders from a
+            // stolen or shared password.
+            if !mail_from.eq_ignore_ascii_case(user) {
+                return self.reply(replies::SENDER_NOT_OWNED);
+            }
+        }
         self.envelope = Some(Envelope {
             mail_from,
             params,
@@ -733,11 +984,8 @@ impl Session {
                 mailbox.text
             }
         };
-        let route = match self
-            .params
-            .directory
-            .route(address, self.peer.relay_allowed)
-        {
+        let may_relay = self.peer.relay_allowed || self.authenticated.is_some();
+        let route = match self.params.directory.route(address, may_relay) {
             Ok(route) => route,
             Err(RouteRefusal::UnknownUser) => return self.reply(replies::UNKNOWN_USER),
             Err(RouteRefusal::RelayDenied) => return self.reply(replies::RELAY_DENIED),
@@ -955,6 +1203,7 @@ impl Session {
             peer: self.peer.addr,
             esmtp: helo.esmtp,
             tls: self.peer.tls,
+            authenticated: self.authenticated.is_some(),
             mail_from: envelope.mail_from,
             recipients: envelope.recipients,
             body,
@@ -963,6 +1212,31 @@ impl Session {
             smtputf8: envelope.params.smtputf8,
         });
         self.phase = Phase::AwaitingStore;
+    }
+}
+
+/// Decodes one base64 AUTH LOGIN field (user name or password): UTF-8, 1 to 255 octets
+/// like a PLAIN field, so both mechanisms accept the same credentials.
+fn decode_login_field(base64: &str) -> Option<String> {
+    use base64ct::{Base64, Encoding};
+    if base64.len() > MAX_SASL_PLAIN_BASE64_LEN {
+        return None;
+    }
+    let mut buffer = [0u8; MAX_SASL_PLAIN_BASE64_LEN / 4 * 3];
+    let decoded = Base64::decode(base64, &mut buffer).ok()?;
+    if decoded.is_empty() || decoded.len() > MAX_SASL_PLAIN_FIELD_LEN || decoded.contains(&0) {
+        return None;
+    }
+    std::str::from_utf8(decoded).ok().map(str::to_owned)
+}
+
+/// Loopback, including IPv4 loopback seen through an IPv6 socket.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 

@@ -31,7 +31,14 @@ pub(super) struct Harness {
     pub replies: VecDeque<u8>,
     pub closed: bool,
     next_queue_id: u32,
+    /// Credentials the session asked the fake directory to verify, in order.
+    pub auth_attempts: Vec<(String, String)>,
+    /// TLS handshakes the fake loop performed.
+    pub tls_handshakes: u32,
 }
+
+/// The one password the fake directory accepts, for any user.
+pub(super) const GOOD_PASSWORD: &str = "correct horse";
 
 pub(super) const HOSTNAME: &str = "mx.example.test";
 
@@ -47,6 +54,7 @@ pub(super) fn params(max_message_size: u64, max_recipients: usize) -> Rc<Session
         max_message_size,
         max_recipients,
         directory: Rc::new(directory),
+        starttls_available: false,
     })
 }
 
@@ -55,6 +63,7 @@ pub(super) fn peer(relay_allowed: bool) -> PeerInfo {
         addr: "192.0.2.7:40000".parse().expect("valid address"),
         relay_allowed,
         tls: false,
+        auth_required: false,
     }
 }
 
@@ -67,6 +76,8 @@ impl Harness {
             replies: VecDeque::new(),
             closed: false,
             next_queue_id: 1,
+            auth_attempts: Vec::new(),
+            tls_handshakes: 0,
         };
         harness.drive();
         harness
@@ -107,6 +118,15 @@ impl Harness {
                         StoreMode::Fail(failure) => Err(failure),
                     };
                     self.session.message_stored(result);
+                }
+                Action::Authenticate { user, password } => {
+                    let ok = password == GOOD_PASSWORD;
+                    self.auth_attempts.push((user, password));
+                    self.session.auth_checked(ok);
+                }
+                Action::StartTls => {
+                    self.tls_handshakes += 1;
+                    self.session.tls_started();
                 }
             }
         }
@@ -763,11 +783,11 @@ fn idle_sessions_hold_small_buffers() {
     assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
     // A big BDAT chunk is read into a data buffer, given back after.
     harness.send(
-        b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 9000 LAST\r\n",
+        b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 20000 LAST\r\n",
         usize::MAX,
     );
     assert_eq!(harness.session.input_buffer().len(), DATA_BUFFER_BYTES);
-    harness.send(&[b'b'; 9000], usize::MAX);
+    harness.send(&[b'b'; 20000], usize::MAX);
     assert_eq!(harness.stored.len(), 2);
     assert_eq!(harness.session.input_buffer().len(), COMMAND_BUFFER_BYTES);
 }

@@ -1,0 +1,81 @@
+//! A connection's byte stream: plain TCP, or TLS over it (implicit TLS, or after STARTTLS /
+//! STLS). One concrete type lets the connection loops upgrade in place without becoming
+//! generic over two stream types.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+use crate::tls::{HandshakeError, ServerTls};
+
+/// The stream a connection loop reads and writes.
+pub enum ConnStream {
+    /// Plain TCP: bytes go to the socket as they are (zero-copy sends from the log map).
+    Plain(TcpStream),
+    /// Server-side TLS over TCP; boxed because the rustls state is large.
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ConnStream {
+    /// Whether the bytes are encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ConnStream::Tls(_))
+    }
+
+    /// Runs the server handshake on a plain stream (bounded by the handshake timeout). The
+    /// caller has checked that no plain-text input is buffered: rustls reads straight from
+    /// the socket, so anything still in flight is taken as handshake bytes and, not being a
+    /// ClientHello, fails the handshake. On failure the connection is gone.
+    pub async fn start_tls(self, tls: &ServerTls) -> Result<ConnStream, HandshakeError> {
+        match self {
+            ConnStream::Plain(tcp) => Ok(ConnStream::Tls(Box::new(tls.accept(tcp).await?))),
+            // A second handshake inside TLS is never asked for: the sessions refuse it.
+            ConnStream::Tls(_) => Err(HandshakeError::Failed(io::Error::other(
+                "TLS is already active",
+            ))),
+        }
+    }
+}
+
+impl AsyncRead for ConnStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ConnStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            ConnStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ConnStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ConnStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            ConnStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            ConnStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnStream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            ConnStream::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
+        }
+    }
+}
