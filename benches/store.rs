@@ -76,13 +76,13 @@ fn codec(c: &mut Criterion) {
 
 /// Runs `records` durable appends of `size` bytes from `appenders` concurrent tasks on one
 /// fresh log; returns (time, fdatasyncs).
-fn run_appends(size: usize, appenders: usize, records: u64) -> (Duration, u64) {
+fn run_appends(size: usize, appenders: usize, records: u64, opts: StoreOptions) -> (Duration, u64) {
     on_executor(move || async move {
         let dir = tempfile::Builder::new()
             .prefix("store-bench")
             .tempdir_in(bench_dir())
             .expect("tempdir");
-        let (store, _) = Store::open(&dir.path().join("shard-0"), StoreOptions::default())
+        let (store, _) = Store::open(&dir.path().join("shard-0"), opts)
             .await
             .expect("open");
         let store = Rc::new(store);
@@ -120,15 +120,26 @@ fn append(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    for size in [KIB, 10 * KIB, 100 * KIB] {
-        for appenders in [1usize, 16, 64] {
+    // The last configuration turns the small-record copy off, to show what it buys.
+    let zero_copy = StoreOptions {
+        copy_below_bytes: 0,
+        ..StoreOptions::default()
+    };
+    let configurations = [KIB, 10 * KIB, 100 * KIB]
+        .into_iter()
+        .flat_map(|size| {
+            [1usize, 16, 64].map(|appenders| (size, appenders, "", StoreOptions::default()))
+        })
+        .chain([(KIB, 64, "-uncopied", zero_copy)]);
+    for (size, appenders, variant, opts) in configurations {
+        {
             group.throughput(Throughput::Bytes(size as u64));
             let (mut total_records, mut total_time, mut total_syncs) = (0u64, Duration::ZERO, 0u64);
             group.bench_function(
-                BenchmarkId::new(format!("{}KiB", size / KIB), appenders),
+                BenchmarkId::new(format!("{}KiB{variant}", size / KIB), appenders),
                 |b| {
                     b.iter_custom(|records| {
-                        let (elapsed, syncs) = run_appends(size, appenders, records);
+                        let (elapsed, syncs) = run_appends(size, appenders, records, opts.clone());
                         total_records += records;
                         total_time += elapsed;
                         total_syncs += syncs;
@@ -141,7 +152,7 @@ fn append(c: &mut Criterion) {
                 continue; // filtered out
             }
             eprintln!(
-                "store/append {:>3} KiB x {:>2} appenders: {:>9.0} records/s {:>8.1} MB/s {:>7.0} fdatasyncs/s ({:.1} records per fdatasync)",
+                "store/append {:>3} KiB{variant:<9} x {:>2} appenders: {:>9.0} records/s {:>8.1} MB/s {:>7.0} fdatasyncs/s ({:.1} records per fdatasync)",
                 size / KIB,
                 appenders,
                 total_records as f64 / secs,

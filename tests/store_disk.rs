@@ -86,6 +86,7 @@ fn append_reclaim_reopen_on_disk() {
         assert!(report.segments_deleted >= 1, "{report:?}");
         assert!(store.free_space_bytes() > 0);
         let shipped = store.read(ids[RECORDS - 1]).unwrap();
+        shipped.prefetch();
         assert!(shipped.verify());
         (ids, shipped)
     });

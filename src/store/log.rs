@@ -244,19 +244,28 @@ impl<D: SegmentDir> Store<D> {
         if RecordHeader::decode(&header_bytes, salt) != Ok(header) {
             return Err(StoreError::Corrupt(id));
         }
-        let mut result = write_all(&*file, header_bytes.to_vec(), offset).await;
-        let mut pos = offset + record::HEADER_BYTES as u64;
-        for piece in pieces {
-            if result.is_err() {
-                break;
+        let small = payload_len <= self.opts.copy_below_bytes;
+        let result = if small {
+            // One write instead of one per piece: below this size an io_uring operation costs
+            // more than copying the bytes (see `copy_below_bytes`).
+            let mut whole = Vec::with_capacity(record::HEADER_BYTES + payload_len as usize);
+            whole.extend_from_slice(&header_bytes);
+            for piece in &pieces {
+                whole.extend_from_slice(piece);
             }
-            if piece.is_empty() {
-                continue;
+            self.state.borrow_mut().stats.payload_bytes_copied += payload_len;
+            write_all(&*file, whole, offset).await
+        } else {
+            // Every piece written from its own buffer, all at once.
+            let mut writes = vec![write_all(&*file, header_bytes.to_vec(), offset)];
+            let mut pos = offset + record::HEADER_BYTES as u64;
+            for piece in pieces.into_iter().filter(|piece| !piece.is_empty()) {
+                let len = piece.len() as u64;
+                writes.push(write_all(&*file, piece, pos));
+                pos += len;
             }
-            let len = piece.len() as u64;
-            result = write_all(&*file, piece, pos).await;
-            pos += len;
-        }
+            join_all(writes).await.into_iter().collect()
+        };
         drop(in_flight);
         {
             let mut st = self.state.borrow_mut();

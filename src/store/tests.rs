@@ -16,6 +16,8 @@ fn small_opts() -> StoreOptions {
     StoreOptions {
         segment_size_bytes: 4096,
         max_record_bytes: 64 << 10,
+        // Both write paths (one copied write, and one write per piece) get exercised.
+        copy_below_bytes: 512,
         ..StoreOptions::default()
     }
 }
