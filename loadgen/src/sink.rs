@@ -457,6 +457,7 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
     println!("sink: stopped");
     // Stop listening now: io_uring tears a ring down after the process is gone, and its
     // pending accepts would keep the port listening for a while, refusing the next sink.
+    STOPPING.store(true, Ordering::Release);
     if let Ok(fds) = bound.lock() {
         for &fd in fds.iter() {
             // SAFETY: the fds are our listeners, open until the process exits below.
@@ -467,6 +468,10 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
     // Executors serve forever; the process exit ends them.
     std::process::exit(0);
 }
+
+/// Set just before the listeners are shut down, so the accept errors that follow are
+/// expected rather than reported.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// A listening socket on `address` shared by all threads through SO_REUSEPORT.
 fn listen_reuseport(address: SocketAddr) -> std::io::Result<RawFd> {
@@ -515,6 +520,7 @@ async fn serve_thread(
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
+            Err(_) if STOPPING.load(Ordering::Acquire) => return,
             Err(error) => {
                 eprintln!("loadgen sink: accept: {error}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
