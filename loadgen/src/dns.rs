@@ -238,13 +238,13 @@ pub fn answer(zone: &Zone, query: &[u8], transport: Transport) -> Option<Vec<u8>
 /// Serves `zone` on UDP and TCP at `listen` until the process is killed.
 pub fn run(listen: SocketAddr, zone: Zone) -> anyhow::Result<()> {
     // glommio binds with SO_REUSEPORT, which could share a port with another server that
-    // set it too; plain binds first fail if the port is taken, and resolve port 0.
+    // set it too; a plain UDP bind fails if the port is taken (and resolves port 0), and a
+    // TCP connect finds a listener.
     let listen = {
         let udp = std::net::UdpSocket::bind(listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on udp {listen}: {e}"))?;
         let bound = udp.local_addr()?;
-        std::net::TcpListener::bind(bound)
-            .map_err(|e| anyhow::anyhow!("cannot listen on tcp {bound}: {e}"))?;
+        crate::pool::refuse_if_listening(bound)?;
         bound
     };
     let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)

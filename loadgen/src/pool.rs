@@ -2,6 +2,7 @@
 //! the main thread prints the status line once a second.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,9 @@ use crate::report::{Live, StatusLine};
 /// io_uring registered-buffer memory per executor; we do no DMA file I/O on the hot path,
 /// and the default (10 MiB) would exceed common `ulimit -l` values with several threads.
 const IO_MEMORY_BYTES: usize = 512 * 1024;
+
+/// How long `refuse_if_listening` waits for a listener to answer.
+const LISTEN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often the status line is printed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -86,4 +90,23 @@ where
         results.push(result.map_err(|e| anyhow::anyhow!("executor thread failed: {e}"))?);
     }
     Ok((results, elapsed))
+}
+
+/// Fails when a TCP server already listens on `address`. Servers here bind with
+/// SO_REUSEPORT, which would otherwise let them share a port with another server that set
+/// it too. A probe bind would also trip over our own previous run's TIME_WAIT sockets
+/// (which carry SO_REUSEPORT but not SO_REUSEADDR), so we connect instead: only a
+/// listener answers. Runs on the main thread, before any executor starts.
+pub fn refuse_if_listening(address: SocketAddr) -> anyhow::Result<()> {
+    let mut probe = address;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match probe.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    match std::net::TcpStream::connect_timeout(&probe, LISTEN_PROBE_TIMEOUT) {
+        Ok(_) => anyhow::bail!("cannot listen on {address}: another server is listening there"),
+        Err(_) => Ok(()),
+    }
 }

@@ -5,9 +5,10 @@
 //! pipelining client gets one reply packet per command group.
 
 use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -400,15 +401,13 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
         anyhow::bail!("sink needs a fixed port: every thread binds the same one (SO_REUSEPORT)");
     }
     // Every thread binds with SO_REUSEPORT, which would let us share a port with another
-    // server that also set it (and silently take part of its connections). A plain bind
-    // first fails if anyone is listening there.
-    std::net::TcpListener::bind(plan.listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.listen))?;
+    // server that also set it (and silently take part of its connections).
+    crate::pool::refuse_if_listening(plan.listen)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     let totals = Arc::new(Totals::default());
-    let bound = Arc::new(AtomicUsize::new(0));
+    let bound = Arc::new(Mutex::new(Vec::new()));
     let failed = Arc::new(AtomicBool::new(false));
     let next_index = Arc::new(AtomicUsize::new(0));
     let threads = plan.threads;
@@ -427,7 +426,7 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
             })
             .map_err(std::io::Error::from)?;
     }
-    while bound.load(Ordering::Acquire) < threads {
+    while bound.lock().map_or(0, |fds| fds.len()) < threads {
         if failed.load(Ordering::Acquire) {
             anyhow::bail!("cannot listen on {}", plan.listen);
         }
@@ -456,8 +455,36 @@ pub fn run(plan: SinkPlan) -> anyhow::Result<()> {
         totals.line(elapsed, accepted as f64 / elapsed.as_secs_f64().max(1e-9))
     );
     println!("sink: stopped");
+    // Stop listening now: io_uring tears a ring down after the process is gone, and its
+    // pending accepts would keep the port listening for a while, refusing the next sink.
+    STOPPING.store(true, Ordering::Release);
+    if let Ok(fds) = bound.lock() {
+        for &fd in fds.iter() {
+            // SAFETY: the fds are our listeners, open until the process exits below.
+            let listener = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let _ = socket2::SockRef::from(&listener).shutdown(std::net::Shutdown::Both);
+        }
+    }
     // Executors serve forever; the process exit ends them.
     std::process::exit(0);
+}
+
+/// Set just before the listeners are shut down, so the accept errors that follow are
+/// expected rather than reported.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// A listening socket on `address` shared by all threads through SO_REUSEPORT.
+fn listen_reuseport(address: SocketAddr) -> std::io::Result<RawFd> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into_raw_fd())
 }
 
 /// One executor: bind, accept, serve each connection as its own task.
@@ -465,18 +492,23 @@ async fn serve_thread(
     plan: SinkPlan,
     thread_index: usize,
     totals: Arc<Totals>,
-    bound: Arc<AtomicUsize>,
+    bound: Arc<Mutex<Vec<RawFd>>>,
     failed: Arc<AtomicBool>,
 ) {
-    let listener = match TcpListener::bind(plan.listen) {
-        Ok(listener) => listener,
+    let fd = match listen_reuseport(plan.listen) {
+        Ok(fd) => fd,
         Err(error) => {
             eprintln!("loadgen sink: cannot listen on {}: {error}", plan.listen);
             failed.store(true, Ordering::Release);
             return;
         }
     };
-    bound.fetch_add(1, Ordering::Release);
+    // SAFETY: `fd` is a listening socket we just made and hand over to glommio; the copy
+    // kept in `bound` is only used to shut it down just before the process exits.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    if let Ok(mut fds) = bound.lock() {
+        fds.push(fd);
+    }
     let policy = Policy {
         tempfail_basis_points: plan.tempfail_basis_points,
         permfail_basis_points: plan.permfail_basis_points,
@@ -488,6 +520,7 @@ async fn serve_thread(
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
+            Err(_) if STOPPING.load(Ordering::Acquire) => return,
             Err(error) => {
                 eprintln!("loadgen sink: accept: {error}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;

@@ -177,18 +177,6 @@ impl ThreadState {
         Some(Ticket { sequence, intended })
     }
 
-    /// Whether no more slots will be handed out (without taking one).
-    fn exhausted(&self) -> bool {
-        if self.budget.get() == 0 {
-            return true;
-        }
-        match (self.deadline, self.schedule) {
-            (Some(deadline), Some(schedule)) => schedule.intended(self.started.get()) >= deadline,
-            (Some(deadline), None) => Instant::now() >= deadline,
-            _ => false,
-        }
-    }
-
     /// Counts a broken session and prints the first few.
     fn session_failed(&self, error: &SessionError) {
         self.stats.borrow_mut().protocol_errors += 1;
@@ -248,7 +236,9 @@ pub async fn run_thread(plan: SmtpPlan, thread_index: usize, live: Arc<Live>) ->
 async fn connection_loop(state: Rc<ThreadState>) {
     let mut buffers = Buffers::default();
     let mut consecutive_failures = 0;
-    while !state.exhausted() {
+    // The slot is taken before connecting, so an open-loop arrival that needs a new
+    // connection waits for it in its latency, and no connection is opened for nothing.
+    while let Some(first) = next_arrival(&state).await {
         let connect_start = Instant::now();
         let mut conn = match Conn::connect(state.plan.target, MAX_REPLY_BYTES).await {
             Ok(conn) => conn,
@@ -272,10 +262,25 @@ async fn connection_loop(state: Rc<ThreadState>) {
             .stats
             .borrow_mut()
             .record("connect", connect_start.elapsed());
-        if let Err(error) = session(&state, &mut conn, &mut buffers).await {
+        if let Err(error) = session(&state, &mut conn, &mut buffers, first).await {
             state.session_failed(&error);
         }
     }
+}
+
+/// Takes the next message slot and, in open loop, waits until it is due (counting it
+/// late when it is already overdue).
+async fn next_arrival(state: &ThreadState) -> Option<Ticket> {
+    let ticket = state.take()?;
+    if let Some(intended) = ticket.intended {
+        let now = Instant::now();
+        if intended > now {
+            glommio::timer::sleep(intended - now).await;
+        } else if is_late(intended, now) {
+            state.stats.borrow_mut().late_arrivals += 1;
+        }
+    }
+    Some(ticket)
 }
 
 /// Scratch buffers reused across messages of one connection slot.
@@ -325,6 +330,7 @@ async fn session(
     state: &ThreadState,
     conn: &mut Conn,
     buffers: &mut Buffers,
+    first: Ticket,
 ) -> Result<(), SessionError> {
     let plan = &state.plan;
     let (code, range) = read_reply(conn).await?;
@@ -369,23 +375,24 @@ async fn session(
     // does not chain: each arrival must wait for its own intended time.
     let chain = pipelining && plan.rate_per_sec.is_none();
     let mut chained: Option<(Ticket, Instant)> = None;
+    let mut first = Some(first);
     let mut done = 0;
     loop {
-        let (ticket, started, envelope_sent) = match chained.take() {
-            Some((ticket, started)) => (ticket, started, true),
-            None => {
+        let (ticket, started, envelope_sent) = match (chained.take(), first.take()) {
+            (Some((ticket, started)), _) => (ticket, started, true),
+            (None, Some(ticket)) => {
+                // Open loop counts from the intended time; closed loop from now, after
+                // the greeting and EHLO, so transaction latency means the same for all.
+                let started = ticket.intended.unwrap_or_else(Instant::now);
+                (ticket, started, false)
+            }
+            (None, None) => {
                 if done >= plan.per_connection {
                     break;
                 }
-                let Some(ticket) = state.take() else { break };
-                if let Some(intended) = ticket.intended {
-                    let now = Instant::now();
-                    if intended > now {
-                        glommio::timer::sleep(intended - now).await;
-                    } else if is_late(intended, now) {
-                        state.stats.borrow_mut().late_arrivals += 1;
-                    }
-                }
+                let Some(ticket) = next_arrival(state).await else {
+                    break;
+                };
                 let started = ticket.intended.unwrap_or_else(Instant::now);
                 (ticket, started, false)
             }
