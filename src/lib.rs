@@ -20,6 +20,7 @@
 //! - [`relay`]: relay building blocks: DNS (hickory-proto), next hops, sans-IO SMTP client, retry schedule, DSNs.
 //! - [`auth`]: users, argon2id password hashes, SASL PLAIN decoding.
 //! - [`throttle`]: per-client-address login failure throttle (pure, time passed in).
+//! - [`metrics`]: per-shard counters (atomics) and their Prometheus text encoding; the `/metrics` request parser.
 
 pub mod auth;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod envelope;
 pub mod host;
 pub mod limits;
 pub mod mailbox;
+pub mod metrics;
 pub mod pop3;
 pub mod relay;
 pub mod routing;

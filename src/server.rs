@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::host::{self, HostError};
 use crate::auth::UserDirectory;
 use crate::limits::ConnectionLimits;
+use crate::metrics::ShardMetrics;
 use crate::routing::Directory;
 use crate::shard::{self, ShardContext, ShardEvent};
 
@@ -79,6 +80,10 @@ pub struct Shared {
     pub users: Arc<UserDirectory>,
     /// Local domains, users and postmaster, for routing at RCPT.
     pub directory: Directory,
+    /// Every shard's counters, indexed by shard id; shard 0's scrape endpoint reads them all.
+    pub metrics: Arc<[Arc<ShardMetrics>]>,
+    /// `metrics_listen` with port 0 resolved; `None` serves no metrics.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Why the server could not start or stopped abnormally. Each names what is wrong.
@@ -124,6 +129,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     let listeners = resolve_listeners(&config)?;
+    let metrics_addr = config
+        .metrics_listen
+        .map(|addr| probe_bind("metrics_listen", addr))
+        .transpose()?;
     let users = UserDirectory::new(
         config
             .users
@@ -145,6 +154,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
         ),
+        metrics: ShardMetrics::for_shards(shard_count).into(),
+        metrics_addr,
         config,
         shard_count,
         listeners,
@@ -250,6 +261,9 @@ fn announce(shared: &Shared) {
             shared.shard_count,
             if shared.shard_count == 1 { "" } else { "s" }
         );
+    }
+    if let Some(addr) = shared.metrics_addr {
+        let _ = writeln!(out, "metrics listening on {addr}");
     }
     let _ = out.flush();
 }

@@ -34,6 +34,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let config = &shard.shared.config;
     let hostname = &config.hostname;
+    let _open = shard.metrics.smtp.opened();
     let _slot = match shard.shared.smtp_limits.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -67,9 +68,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
     let outcome: &str = loop {
         if !session.output().is_empty() {
+            shard.metrics.count_smtp_replies(session.output());
             match write_all(&mut stream, session.output(), WRITE_TIMEOUT).await {
                 Ok(()) => {
                     let n = session.output().len();
+                    shard.metrics.smtp.sent(n);
                     session.output_consumed(n);
                 }
                 Err(_) => break "write failed",
@@ -81,6 +84,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 held_body_bytes = 0;
                 body_started = None;
                 let result = ingest::store_transaction(&shard, transaction).await;
+                shard.metrics.record_message(&result);
                 session.message_stored(result);
             }
             Action::Close => break "closed",
@@ -136,6 +140,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 };
                 received_bytes += n as u64;
+                shard.metrics.smtp.received(n);
                 session.input_filled(n);
                 let now_held = session.buffered_body_bytes();
                 shard.adjust_data_bytes(held_body_bytes, now_held);
