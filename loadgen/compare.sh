@@ -19,14 +19,14 @@
 #   relay         8 connections to u{0..99}@relay.test (N/2 messages), relayed to a `loadgen sink`
 #                 on 127.0.0.2 (ringmail finds it through a `loadgen dns`); the rate is taken up
 #                 to the moment the sink has counted every message (1 s resolution)
-# N defaults to 3200. Every load is also cut off after LOAD_TIMEOUT_SECS (default 120).
+# N defaults to 6000 (so no load exceeds 20,000 messages). Every load is also cut off after LOAD_TIMEOUT_SECS (default 120).
 # A server that cannot do a load (e.g. a build whose relay is not wired yet) gets "n/a" and why.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${COMPARE_DIR:-/tmp/ringmail-compare}
 JSON_OUT=""
-MESSAGES=3200
+MESSAGES=6000
 BUILD=1
 LOAD_TIMEOUT_SECS=${LOAD_TIMEOUT_SECS:-120}
 SIZE_BYTES=10240
@@ -49,8 +49,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$MESSAGES" in ''|*[!0-9]*) echo "--messages takes a number" >&2; exit 2 ;; esac
-if [ "$MESSAGES" -lt 32 ] || [ "$MESSAGES" -gt 20000 ]; then
-  echo "--messages must be between 32 and 20000" >&2; exit 2
+if [ "$MESSAGES" -lt 32 ] || [ "$MESSAGES" -gt 6000 ]; then
+  echo "--messages must be between 32 and 6000 (POP3 then retrieves 3N)" >&2; exit 2
 fi
 [ "$(id -u)" -eq 0 ] || { echo "compare.sh must run as root (it installs and starts Postfix and Dovecot)" >&2; exit 2; }
 
