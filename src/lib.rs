@@ -20,7 +20,8 @@
 //! - [`relay`]: relay building blocks: DNS (hickory-proto), next hops, sans-IO SMTP client, retry schedule, DSNs.
 //! - [`auth`]: users, argon2id password hashes, SASL PLAIN decoding.
 //! - [`throttle`]: per-client-address login failure throttle (pure, time passed in).
-//! - [`tls`]: rustls (ring) server identity from `[tls]` with SIGHUP reload, bounded handshakes, opportunistic outbound TLS.
+//! - [`tls`]: rustls (ring) server and client configurations, certificate loading and SIGHUP reload.
+//! - [`metrics`]: per-shard counters (atomics) and their Prometheus text encoding for `/metrics`.
 
 pub mod auth;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod envelope;
 pub mod host;
 pub mod limits;
 pub mod mailbox;
+pub mod metrics;
 pub mod pop3;
 pub mod relay;
 pub mod routing;

@@ -16,6 +16,7 @@ use crate::auth::UserDirectory;
 use crate::config::Config;
 use crate::host::{self, HostError};
 use crate::limits::ConnectionLimits;
+use crate::metrics::ShardMetrics;
 use crate::routing::Directory;
 use crate::shard::{self, ShardContext, ShardEvent};
 use crate::tls::{ServerTls, TlsError};
@@ -82,6 +83,10 @@ pub struct Shared {
     pub directory: Directory,
     /// The TLS identity from `[tls]`, re-read on SIGHUP; `None` when TLS is off.
     pub tls: Option<Arc<ServerTls>>,
+    /// Every shard's counters, indexed by shard id; shard 0's scrape endpoint reads them all.
+    pub metrics: Arc<[Arc<ShardMetrics>]>,
+    /// `metrics_listen` with port 0 resolved; `None` serves no metrics.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Why the server could not start or stopped abnormally. Each names what is wrong.
@@ -132,6 +137,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     let tls = ServerTls::load(&config.tls)?.map(Arc::new);
     let listeners = resolve_listeners(&config)?;
+    let metrics_addr = config
+        .metrics_listen
+        .map(|addr| probe_bind("metrics_listen", addr))
+        .transpose()?;
     let users = UserDirectory::new(
         config
             .users
@@ -154,6 +163,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
         ),
+        metrics: ShardMetrics::for_shards(shard_count).into(),
+        metrics_addr,
         config,
         shard_count,
         listeners,
@@ -259,6 +270,9 @@ fn announce(shared: &Shared) {
             shared.shard_count,
             if shared.shard_count == 1 { "" } else { "s" }
         );
+    }
+    if let Some(addr) = shared.metrics_addr {
+        let _ = writeln!(out, "metrics listening on {addr}");
     }
     let _ = out.flush();
 }

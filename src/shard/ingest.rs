@@ -101,11 +101,12 @@ pub async fn store_transaction(
     pieces.push(received);
     pieces.extend(transaction.body);
 
-    if let Err(e) = shard
+    let appended = shard
         .store
         .append(id, envelope::kind::MESSAGE, pieces)
-        .await
-    {
+        .await;
+    shard.metrics.observe_store(&shard.store.stats());
+    if let Err(e) = appended {
         tracing::error!(shard = shard.id, queue_id, "message not stored: {e}");
         return Err(match e {
             StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
@@ -199,10 +200,12 @@ pub async fn record_outcome(
     }
     let outcome = outcome_record(record, outcome, pending);
     let id = shard.store.allocate_id();
-    shard
+    let appended = shard
         .store
         .append(id, envelope::kind::OUTCOME, vec![outcome.encode()])
-        .await?;
+        .await;
+    shard.metrics.observe_store(&shard.store.stats());
+    appended?;
     let applied = shard.ledger.borrow_mut().apply_outcome(id, &outcome);
     match applied {
         Applied::Pending => {}

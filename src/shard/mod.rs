@@ -11,6 +11,7 @@ mod ingest;
 pub mod ledger;
 mod login;
 pub mod mesh;
+mod metrics_http;
 mod pop3_conn;
 mod recovery;
 mod smtp_conn;
@@ -120,6 +121,8 @@ pub struct Shard {
     data_bytes: Cell<u64>,
     /// Above this, sessions that hold no body bytes wait before reading.
     data_bytes_cap: u64,
+    /// This shard's counters; shard 0's scrape endpoint reads them without locks.
+    pub metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 /// DATA bytes a shard holds before new bodies wait; at least two maximal messages so that one
@@ -242,6 +245,7 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         free_space: Cell::new((Instant::now() - FREE_SPACE_SAMPLE, 0)),
         data_bytes: Cell::new(0),
         data_bytes_cap: DATA_BYTES_CAP_FLOOR.max(config.smtp.max_message_size.saturating_mul(2)),
+        metrics: Arc::clone(&shared.metrics[id]),
     });
 
     let inbox = glommio::spawn_local(inbox::serve(Rc::clone(&shard), ctx.inbox.clone()));
@@ -262,6 +266,10 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
     for spec in &shared.listeners {
         listeners.push((*spec, bind(spec.addr)?));
     }
+    let metrics_listener = match shared.metrics_addr.filter(|_| id == 0) {
+        Some(addr) => Some(bind(addr)?),
+        None => None,
+    };
     let _ = ctx.events.send(ShardEvent::Ready { shard: id });
 
     let connections = Rc::new(Gate::new());
@@ -275,6 +283,12 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         )));
     }
     let reclaimer = glommio::spawn_local(reclaim_loop(Rc::clone(&shard)));
+    if let Some(listener) = metrics_listener {
+        let registry =
+            crate::metrics::MetricsCollector::new(Arc::clone(&shared.metrics)).registry();
+        let scrapes = metrics_http::serve(Rc::clone(&shard), listener, Rc::new(registry));
+        glommio::spawn_local(scrapes).detach();
+    }
 
     let _ = ctx.shutdown.recv_async().await;
     stopping.close();

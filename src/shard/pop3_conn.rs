@@ -56,6 +56,7 @@ impl Drop for HeldMaildrop {
 /// Serves one POP3 connection to the end; on `pop3.tls_listen` the TLS handshake runs first.
 pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, kind: ListenerKind) {
     let config = &shard.shared.config;
+    let _open = shard.metrics.pop3.opened();
     let _slot = match shard.shared.pop3_limits.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -105,6 +106,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 break;
             }
             let n = session.output().len();
+            shard.metrics.pop3.sent(n);
             session.output_consumed(n);
         }
         match session.poll_action() {
@@ -127,7 +129,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 )
                 .await;
                 match read {
-                    Some(ReadOutcome::Data(n)) => session.input_filled(n),
+                    Some(ReadOutcome::Data(n)) => {
+                        shard.metrics.pop3.received(n);
+                        session.input_filled(n)
+                    }
                     None => {
                         let _ = write_all(
                             &mut stream,
@@ -151,6 +156,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
             }
             Action::Authenticate { user, password } => {
                 let ok = authenticate(&shard, peer, user, password).await;
+                shard.metrics.record_pop3_login(ok);
                 session.auth_checked(ok);
             }
             Action::OpenMailbox { user } => {
@@ -177,11 +183,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 {
                     break;
                 }
+                shard.metrics.record_pop3_message_sent(top_lines);
                 session.message_sent();
             }
             Action::Commit { deletions } => {
                 let ok = commit_deletions(&shard, &deletions).await;
                 if ok {
+                    shard.metrics.record_pop3_deletions(deletions.len());
                     if let Some(held) = maildrop.as_mut() {
                         held.removed = deletions;
                     }
@@ -312,7 +320,12 @@ async fn send_message<S: AsyncWrite + Unpin>(
     } else {
         b"\r\n.\r\n"
     };
-    write_all(stream, tail, WRITE_TIMEOUT).await
+    write_all(stream, tail, WRITE_TIMEOUT).await?;
+    shard
+        .metrics
+        .pop3
+        .sent(head.len() + stored.len() + tail.len());
+    Ok(())
 }
 
 /// UPDATE: records the deletions durably in the log of each shard that stored them.

@@ -29,6 +29,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// first, after admission, so refused connections cost no handshake.
 pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, kind: ListenerKind) {
     let config = &shard.shared.config;
+    let _open = shard.metrics.smtp.opened();
     let _slot = match shard.shared.smtp_limits.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -71,9 +72,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
 
     let outcome: &str = loop {
         if !session.output().is_empty() {
+            shard.metrics.count_smtp_replies(session.output());
             match write_all(&mut stream, session.output(), WRITE_TIMEOUT).await {
                 Ok(()) => {
                     let n = session.output().len();
+                    shard.metrics.smtp.sent(n);
                     session.output_consumed(n);
                 }
                 Err(_) => break "write failed",
@@ -85,6 +88,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 held_body_bytes = 0;
                 body_started = None;
                 let result = ingest::store_transaction(&shard, transaction).await;
+                shard.metrics.record_message(&result);
                 session.message_stored(result);
             }
             Action::Close => break "closed",
@@ -161,6 +165,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 };
                 received_bytes += n as u64;
+                shard.metrics.smtp.received(n);
                 session.input_filled(n);
                 let now_held = session.buffered_body_bytes();
                 shard.adjust_data_bytes(held_body_bytes, now_held);
