@@ -79,6 +79,8 @@ pub struct Shared {
     pub users: Arc<UserDirectory>,
     /// Local domains, users and postmaster, for routing at RCPT.
     pub directory: Directory,
+    /// Nameservers, next-hop policy and per-domain connection counts of the relay.
+    pub relay: crate::shard::relay::RelayShared,
 }
 
 /// Why the server could not start or stopped abnormally. Each names what is wrong.
@@ -109,6 +111,8 @@ pub enum ServerError {
     },
     #[error("users: {0}")]
     Users(String),
+    #[error("relay: {0}")]
+    Relay(String),
     #[error("shard {shard} could not start: {message}")]
     ShardStart { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
@@ -134,7 +138,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let user_addresses: Vec<String> = config.users.iter().map(|u| u.address.clone()).collect();
     let directory = Directory::new(&config.local_domains, &user_addresses, &config.postmaster)
         .map_err(|e| ServerError::Users(e.to_string()))?;
+    let relay = crate::shard::relay::RelayShared::from_config(&config, &listeners)
+        .map_err(ServerError::Relay)?;
     let shared = Arc::new(Shared {
+        relay,
         users: Arc::new(users),
         directory,
         smtp_limits: ConnectionLimits::new(

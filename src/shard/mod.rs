@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod mesh;
 mod pop3_conn;
 mod recovery;
+pub mod relay;
 mod smtp_conn;
 
 use std::cell::{Cell, RefCell};
@@ -103,6 +104,8 @@ pub struct Shard {
     pub throttle: RefCell<FailureThrottle>,
     pub smtp_params: Rc<crate::smtp::SessionParams>,
     pub pop3_params: Rc<crate::pop3::SessionParams>,
+    /// The relay queue of this shard's remote recipients, its resolver and connections.
+    pub relay: relay::RelayState,
     /// Numbers POP3 sessions for the mailbox locks.
     next_session: Cell<u64>,
     /// statvfs is a system call: sample free space at most every [`FREE_SPACE_SAMPLE`].
@@ -228,6 +231,7 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
             greeting_host: config.hostname.clone(),
             stls_available: false,
         }),
+        relay: relay::RelayState::new(config, &shared.relay),
         next_session: Cell::new(1),
         free_space: Cell::new((Instant::now() - FREE_SPACE_SAMPLE, 0)),
         data_bytes: Cell::new(0),
@@ -265,6 +269,7 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         )));
     }
     let reclaimer = glommio::spawn_local(reclaim_loop(Rc::clone(&shard)));
+    let relay_scheduler = glommio::spawn_local(relay::run_scheduler(Rc::clone(&shard)));
 
     let _ = ctx.shutdown.recv_async().await;
     stopping.close();
@@ -285,6 +290,8 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         );
     }
     reclaimer.await;
+    shard.relay.stop(grace).await;
+    relay_scheduler.await;
     // Other shards may still send requests while they drain; the inbox task ends with the
     // executor. Everything acknowledged is already durable: 250 waits for fdatasync.
     drop(inbox);
