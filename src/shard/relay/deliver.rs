@@ -25,6 +25,9 @@ const IDLE_LINGER: Duration = Duration::from_millis(1_000);
 /// Longest wait for the server to take bytes we write (RFC 5321 §4.5.3.2.5: 3 minutes
 /// per data block).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest wait for the answer to QUIT: the mail is settled by then, so a server slow to
+/// say goodbye must not hold a connection slot for the RFC's five minutes.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reply bytes read per read call.
 const READ_BUFFER_BYTES: usize = 4096;
 
@@ -51,15 +54,33 @@ pub async fn run_connection(shard: &Rc<Shard>, domain: &str, jobs: flume::Receiv
     };
     let mut next = Some(first);
     let mut sent = 0usize;
+    // The previous message's outcomes are made durable while the next one is sent: the log's
+    // fdatasync overlaps the network round trips. At most one settles at a time per
+    // connection, and the connection ends only once it is done.
+    let mut settling: Option<glommio::Task<()>> = None;
     while let Some(job) = next.take() {
-        let alive = session.deliver(shard, &job).await;
+        let results = session.deliver(shard, &job).await;
+        if let Some(previous) = settling.take() {
+            previous.await;
+        }
+        if !results.is_empty() {
+            let task_shard = Rc::clone(shard);
+            let remote = session.remote.clone();
+            settling = Some(glommio::spawn_local(async move {
+                outcome::settle(&task_shard, &job, results, Some(&remote)).await;
+            }));
+        }
         sent += 1;
+        let alive = session.client.is_ready();
         if !alive || sent >= MESSAGES_PER_CONNECTION || shard.relay.is_stopping() {
             break;
         }
         next = next_job(shard, &jobs).await;
     }
     session.quit().await;
+    if let Some(previous) = settling {
+        previous.await;
+    }
 }
 
 /// The next job for this connection, waiting up to [`IDLE_LINGER`] for one.
@@ -198,8 +219,10 @@ impl Session {
         }
     }
 
-    /// Sends one job's message; returns whether the session can take another.
-    async fn deliver(&mut self, shard: &Rc<Shard>, job: &Job) -> bool {
+    /// Sends one job's message; returns each attempted recipient with its outcome (nothing
+    /// when no recipient was left to try). Whether the session can go on is
+    /// [`SmtpClient::is_ready`].
+    async fn deliver(&mut self, shard: &Rc<Shard>, job: &Job) -> Vec<(u16, RecipientOutcome)> {
         let pending: Vec<u16> = {
             let ledger = shard.ledger.borrow();
             job.recipients
@@ -209,20 +232,20 @@ impl Session {
                 .collect()
         };
         if pending.is_empty() {
-            return true;
+            return Vec::new();
         }
         let record = match shard.store.read(job.message) {
             Ok(record) => record,
             Err(e) => {
                 tracing::error!(shard = shard.id, "relayed message unreadable: {e}");
-                return true;
+                return Vec::new();
             }
         };
         let layout = match envelope::decode_message(&record) {
             Ok(layout) => layout,
             Err(e) => {
                 tracing::error!(shard = shard.id, "relayed message undecodable: {e}");
-                return true;
+                return Vec::new();
             }
         };
         let addresses: Vec<String> = pending
@@ -235,7 +258,7 @@ impl Session {
                 shard = shard.id,
                 "relay job names recipients the message lacks"
             );
-            return true;
+            return Vec::new();
         }
         // Sent from the memory map as stored: the Received: header and the body lie together.
         record.prefetch();
@@ -258,16 +281,18 @@ impl Session {
                 .unwrap_or_else(|| Reply::local(451, "4.4.2 session lost"));
             vec![RecipientOutcome::Deferred(reply); pending.len()]
         });
-        let results = pending.into_iter().zip(outcomes).collect();
-        outcome::settle(shard, job, results, Some(&self.remote)).await;
-        self.client.is_ready()
+        pending.into_iter().zip(outcomes).collect()
     }
 
     /// Ends the session politely (if it is still open).
     async fn quit(mut self) {
         if self.client.is_ready() {
             self.client.quit();
-            self.drive(None).await;
+            let _ = glommio::timer::timeout(QUIT_TIMEOUT, async {
+                self.drive(None).await;
+                Ok(())
+            })
+            .await;
         }
     }
 
