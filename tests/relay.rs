@@ -105,6 +105,15 @@ fn start_mx(ip: &str, port: u16, script: Script) -> Arc<MxLog> {
     log
 }
 
+/// The address between the angle brackets of a MAIL or RCPT argument.
+fn path(argument: &str) -> String {
+    let open = argument.find('<').map_or(0, |i| i + 1);
+    let close = argument[open..]
+        .find('>')
+        .map_or(argument.len(), |i| open + i);
+    argument[open..close].to_string()
+}
+
 fn serve_mx(stream: TcpStream, script: &Script, log: &MxLog) {
     let mut out = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
@@ -124,16 +133,11 @@ fn serve_mx(stream: TcpStream, script: &Script, log: &MxLog) {
         let reply = if upper.starts_with("EHLO") {
             script.ehlo.clone()
         } else if upper.starts_with("MAIL FROM:") {
-            from = line[10..]
-                .trim_matches(|c| c == '<' || c == '>')
-                .split('>')
-                .next()
-                .unwrap()
-                .to_string();
+            from = path(&line[10..]);
             to.clear();
             "250 2.1.0 ok".into()
         } else if upper.starts_with("RCPT TO:") {
-            let rcpt = line[8..].trim_matches(|c| c == '<' || c == '>').to_string();
+            let rcpt = path(&line[8..]);
             let seen = log.rcpts.fetch_add(1, Ordering::SeqCst);
             let reply = (script.rcpt)(&rcpt, seen);
             if reply.starts_with('2') {
@@ -664,4 +668,88 @@ fn eight_bit_and_utf8_mail_bounces_at_a_hop_that_lacks_the_extension() {
         .expect("SMTPUTF8 DSN");
     assert!(utf.contains("Status: 5.6.7"), "{utf}");
     assert!(accepted(&mx).is_empty());
+}
+
+#[test]
+fn a_remote_senders_bounce_is_relayed_from_the_null_sender() {
+    let port = free_relay_port();
+    let mut zone = fake_dns::Zone::default();
+    zone.mx("far.test", &[(10, "mx1.far.test")]);
+    zone.a("mx1.far.test", "127.0.0.2");
+    let dns = start_dns(zone);
+    let mx = start_mx(
+        "127.0.0.2",
+        port,
+        Script {
+            rcpt: Arc::new(|rcpt, _| {
+                if rcpt.starts_with("nobody") {
+                    "550 5.1.1 no such user".into()
+                } else {
+                    "250 2.1.5 ok".into()
+                }
+            }),
+            ..Script::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let reply = send_mail(
+        server.addr("smtp"),
+        "ext@far.test",
+        &["nobody@far.test"],
+        &mail("to nobody"),
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    // A bounce of a bounce is never made: this one from <> is dropped when it bounces.
+    let reply = send_mail(
+        server.addr("smtp"),
+        "",
+        &["nobody@far.test"],
+        &mail("a bounce"),
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    wait_until(Duration::from_secs(10), "the DSN at the MX", || {
+        !accepted(&mx).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = accepted(&mx);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].from, "");
+    assert_eq!(got[0].to, vec!["ext@far.test"]);
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert!(text.contains("multipart/report"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@far.test"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_mx_that_is_this_server_is_a_loop_and_bounces() {
+    // Our SMTP listener's port doubles as relay.port, so an MX on 127.0.0.1 is ourselves.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut zone = fake_dns::Zone::default();
+    zone.mx("self.test", &[(10, "mx1.self.test")]);
+    zone.a("mx1.self.test", "127.0.0.1");
+    zone.mx("named.test", &[(10, "mx.ringmail.test")]);
+    let dns = start_dns(zone);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), dns.addr, port, "").replace(
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]",
+        &format!("[smtp]\nlisten = [\"127.0.0.1:{port}\"]"),
+    );
+    let server = Server::start(dir.path(), &config);
+    for to in ["x@self.test", "y@named.test"] {
+        let reply = send_mail(server.addr("smtp"), "alice@example.test", &[to], &mail(to));
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+    let dsns = alice_mail(&server, 2);
+    for to in ["x@self.test", "y@named.test"] {
+        let dsn = dsns.iter().find(|d| d.contains(to)).expect("loop DSN");
+        assert!(dsn.contains("Status: 5.4.6"), "{dsn}");
+    }
 }
