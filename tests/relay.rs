@@ -753,3 +753,37 @@ fn an_mx_that_is_this_server_is_a_loop_and_bounces() {
         assert!(dsn.contains("Status: 5.4.6"), "{dsn}");
     }
 }
+
+#[test]
+fn mail_still_undelivered_after_the_queue_lifetime_bounces() {
+    let port = free_relay_port();
+    let mut zone = fake_dns::Zone::default();
+    // Nobody listens on 127.0.0.5: every attempt is refused and deferred.
+    zone.mx("dead.test", &[(10, "mx1.dead.test")]);
+    zone.a("mx1.dead.test", "127.0.0.5");
+    let dns = start_dns(zone);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &relay_config(dir.path(), dns.addr, port, "max_queue_lifetime_secs = 1.5"),
+    );
+    let sent = Instant::now();
+    let reply = send_mail(
+        server.addr("smtp"),
+        "alice@example.test",
+        &["gone@dead.test"],
+        &mail("late"),
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    let dsns = alice_mail(&server, 1);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(500),
+        "bounced too early"
+    );
+    assert!(dsns[0].contains("Status: 5.4.7"), "{}", dsns[0]);
+    assert!(
+        dsns[0].contains("Final-Recipient: rfc822; gone@dead.test"),
+        "{}",
+        dsns[0]
+    );
+}
