@@ -87,6 +87,8 @@ pub struct Shared {
     pub metrics: Arc<[Arc<ShardMetrics>]>,
     /// `metrics_listen` with port 0 resolved; `None` serves no metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// Nameservers, next-hop policy and per-domain connection counts of the relay.
+    pub relay: crate::shard::relay::RelayShared,
 }
 
 /// Why the server could not start or stopped abnormally. Each names what is wrong.
@@ -121,6 +123,8 @@ pub enum ServerError {
     /// is logged and the old identity kept instead).
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("relay: {0}")]
+    Relay(String),
     #[error("shard {shard} could not start: {message}")]
     ShardStart { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
@@ -151,8 +155,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let user_addresses: Vec<String> = config.users.iter().map(|u| u.address.clone()).collect();
     let directory = Directory::new(&config.local_domains, &user_addresses, &config.postmaster)
         .map_err(|e| ServerError::Users(e.to_string()))?;
+    let relay = crate::shard::relay::RelayShared::from_config(&config, &listeners)
+        .map_err(ServerError::Relay)?;
     let shared = Arc::new(Shared {
         tls: tls.clone(),
+        relay,
         users: Arc::new(users),
         directory,
         smtp_limits: ConnectionLimits::new(

@@ -119,6 +119,7 @@ pub async fn store_transaction(
         .ledger
         .borrow_mut()
         .add_message(id, envelope.recipients.len());
+    super::relay::queue_new_message(shard, id, &envelope);
 
     // Index local copies on their owners and wait until every owner shows them.
     let mut acks = Vec::new();
@@ -230,4 +231,93 @@ pub fn mark_dead_later(shard: &Rc<Shard>, ids: Vec<RecordId>) {
         }
     })
     .detach();
+}
+
+/// A message this server writes itself (a bounce): one recipient, routed like RCPT would.
+#[derive(Debug, Clone)]
+pub struct GeneratedMessage {
+    /// Envelope sender; "" (the null path) for DSNs.
+    pub mail_from: String,
+    /// The one envelope recipient.
+    pub recipient: String,
+    /// The message, CRLF line ends and dot-stuffed like every stored body.
+    pub body: Vec<u8>,
+    /// The body has 8-bit bytes.
+    pub eight_bit: bool,
+    /// The envelope or headers need SMTPUTF8.
+    pub smtputf8: bool,
+}
+
+/// Stores a generated message durably and routes it: into the recipient's mailbox when
+/// local, into the relay queue when remote. Returns its queue id, or `None` when the
+/// recipient cannot be routed (an unknown user of a local domain: nobody could read it).
+pub async fn store_generated(
+    shard: &Rc<Shard>,
+    message: GeneratedMessage,
+) -> Result<Option<String>, StoreError> {
+    let config = &shard.shared.config;
+    let destination = match shard.shared.directory.route(&message.recipient, true) {
+        Ok(Route::Local { mailbox }) => Destination::Mailbox(mailbox),
+        Ok(Route::Remote { .. }) => Destination::Relay,
+        Err(refusal) => {
+            tracing::warn!(
+                shard = shard.id,
+                to = message.recipient,
+                "generated message dropped: {refusal}"
+            );
+            return Ok(None);
+        }
+    };
+    let id = shard.store.allocate_id();
+    let queue_id = queue_id(shard.id, id);
+    let received_at_secs = unix_now_secs();
+    // No client handed this over: the trace header says only who made it.
+    let received = format!(
+        "Received: by {} (ringmail) id {queue_id};\r\n\t{}\r\n",
+        config.hostname,
+        received::rfc5322_date(received_at_secs as i64)
+    )
+    .into_bytes();
+    let envelope = Envelope {
+        received_at_secs,
+        mail_from: message.mail_from,
+        recipients: vec![EnvelopeRecipient {
+            address: message.recipient,
+            destination,
+        }],
+        eight_bit: message.eight_bit,
+        smtputf8: message.smtputf8,
+    };
+    let stored_len = received.len() + message.body.len();
+    let pieces = vec![
+        envelope::encode_envelope(&envelope, received.len(), message.body.len() as u64),
+        received,
+        message.body,
+    ];
+    shard
+        .store
+        .append(id, envelope::kind::MESSAGE, pieces)
+        .await?;
+    shard.ledger.borrow_mut().add_message(id, 1);
+    match &envelope.recipients[0].destination {
+        Destination::Mailbox(mailbox) => {
+            let (done, ack) = reply_channel();
+            index_on_owner(
+                shard,
+                mailbox,
+                MessageKey {
+                    shard: shard.id as u16,
+                    record: id.0,
+                    recipient: 0,
+                },
+                received_at_secs,
+                retr_size_octets(&envelope.mail_from, stored_len),
+                Some(done),
+            )
+            .await;
+            let _ = ack.recv_async().await;
+        }
+        Destination::Relay => super::relay::queue_new_message(shard, id, &envelope),
+    }
+    Ok(Some(queue_id))
 }

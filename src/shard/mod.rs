@@ -14,6 +14,7 @@ pub mod mesh;
 mod metrics_http;
 mod pop3_conn;
 mod recovery;
+pub mod relay;
 mod smtp_conn;
 mod stream;
 
@@ -113,6 +114,8 @@ pub struct Shard {
     pub throttle: RefCell<FailureThrottle>,
     pub smtp_params: Rc<crate::smtp::SessionParams>,
     pub pop3_params: Rc<crate::pop3::SessionParams>,
+    /// The relay queue of this shard's remote recipients, its resolver and connections.
+    pub relay: relay::RelayState,
     /// Numbers POP3 sessions for the mailbox locks.
     next_session: Cell<u64>,
     /// statvfs is a system call: sample free space at most every [`FREE_SPACE_SAMPLE`].
@@ -241,6 +244,7 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
             greeting_host: config.hostname.clone(),
             stls_available: shared.tls.is_some(),
         }),
+        relay: relay::RelayState::new(config, &shared.relay),
         next_session: Cell::new(1),
         free_space: Cell::new((Instant::now() - FREE_SPACE_SAMPLE, 0)),
         data_bytes: Cell::new(0),
@@ -289,6 +293,7 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         let scrapes = metrics_http::serve(Rc::clone(&shard), listener, Rc::new(registry));
         glommio::spawn_local(scrapes).detach();
     }
+    let relay_scheduler = glommio::spawn_local(relay::run_scheduler(Rc::clone(&shard)));
 
     let _ = ctx.shutdown.recv_async().await;
     stopping.close();
@@ -309,6 +314,8 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         );
     }
     reclaimer.await;
+    shard.relay.stop(grace).await;
+    relay_scheduler.await;
     // Other shards may still send requests while they drain; the inbox task ends with the
     // executor. Everything acknowledged is already durable: 250 waits for fdatasync.
     drop(inbox);

@@ -103,6 +103,7 @@ pub async fn rebuild(shard: &Rc<Shard>, recovered: Recovered) {
     for ack in acks {
         let _ = ack.recv_async().await;
     }
+    super::relay::queue_recovered(shard, &recovered.records, &waiting);
     if !garbage.is_empty() {
         mark_dead_later(shard, garbage);
     }
