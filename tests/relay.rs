@@ -58,6 +58,10 @@ struct Script {
     data_end: Arc<dyn Fn(usize) -> String + Send + Sync>,
     /// Pause before answering the end of data.
     data_end_delay: Duration,
+    /// Offer STARTTLS with this identity (`None`: not offered).
+    starttls: Option<Arc<rustls::ServerConfig>>,
+    /// Answer STARTTLS with 220 and then garbage instead of a handshake.
+    broken_starttls: bool,
 }
 
 impl Default for Script {
@@ -68,6 +72,8 @@ impl Default for Script {
             rcpt: Arc::new(|_, _| "250 2.1.5 ok".into()),
             data_end: Arc::new(|_| "250 2.0.0 queued".into()),
             data_end_delay: Duration::ZERO,
+            starttls: None,
+            broken_starttls: false,
         }
     }
 }
@@ -84,6 +90,8 @@ struct Delivered {
 #[derive(Default)]
 struct MxLog {
     connections: AtomicUsize,
+    /// Sessions that completed a TLS handshake.
+    tls_sessions: AtomicUsize,
     rcpts: AtomicUsize,
     data_ends: AtomicUsize,
     accepted: Mutex<Vec<Delivered>>,
@@ -114,24 +122,69 @@ fn path(argument: &str) -> String {
     argument[open..close].to_string()
 }
 
+/// How a session over one stream ended.
+enum Ended {
+    Done,
+    /// The client asked for TLS and the 220 went out: hand the socket to the handshake.
+    StartTls,
+}
+
 fn serve_mx(stream: TcpStream, script: &Script, log: &MxLog) {
-    let mut out = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
-    let mut say = |text: &str| out.write_all(format!("{text}\r\n").as_bytes()).is_ok();
-    if !say(&script.greeting) || !script.greeting.starts_with('2') {
+    if !say(&mut reader, &script.greeting) || !script.greeting.starts_with('2') {
         return;
     }
+    if let Ended::StartTls = serve_lines(&mut reader, script, log, false) {
+        let Some(config) = script.starttls.clone() else {
+            return;
+        };
+        let tcp = reader.into_inner();
+        let connection = rustls::ServerConnection::new(config).unwrap();
+        let mut tls = BufReader::new(rustls::StreamOwned::new(connection, tcp));
+        // The handshake runs on the first read; a failed one ends the session.
+        if tls.fill_buf().is_err() {
+            return;
+        }
+        log.tls_sessions.fetch_add(1, Ordering::SeqCst);
+        serve_lines(&mut tls, script, log, true);
+    }
+}
+
+fn say<S: std::io::Read + Write>(stream: &mut BufReader<S>, text: &str) -> bool {
+    let out = stream.get_mut();
+    out.write_all(format!("{text}\r\n").as_bytes()).is_ok() && out.flush().is_ok()
+}
+
+fn serve_lines<S: std::io::Read + Write>(
+    reader: &mut BufReader<S>,
+    script: &Script,
+    log: &MxLog,
+    encrypted: bool,
+) -> Ended {
+    let offer_tls = (script.starttls.is_some() || script.broken_starttls) && !encrypted;
     let mut from = String::new();
     let mut to: Vec<String> = Vec::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
+            return Ended::Done;
         }
         let line = line.trim_end().to_string();
         let upper = line.to_ascii_uppercase();
         let reply = if upper.starts_with("EHLO") {
-            script.ehlo.clone()
+            if offer_tls {
+                script.ehlo.replacen("250 ", "250-STARTTLS\r\n250 ", 1)
+            } else {
+                script.ehlo.clone()
+            }
+        } else if upper == "STARTTLS" && offer_tls {
+            if script.broken_starttls {
+                say(reader, "220 2.0.0 go ahead");
+                say(reader, "this is not a TLS ServerHello");
+                return Ended::Done;
+            }
+            say(reader, "220 2.0.0 go ahead");
+            return Ended::StartTls;
         } else if upper.starts_with("MAIL FROM:") {
             from = path(&line[10..]);
             to.clear();
@@ -148,12 +201,12 @@ fn serve_mx(stream: TcpStream, script: &Script, log: &MxLog) {
             if to.is_empty() {
                 "554 5.5.1 no valid recipients".into()
             } else {
-                say("354 go ahead");
+                say(reader, "354 go ahead");
                 let mut data = Vec::new();
                 loop {
                     let mut raw = Vec::new();
                     if reader.read_until(b'\n', &mut raw).unwrap_or(0) == 0 {
-                        return;
+                        return Ended::Done;
                     }
                     if raw == b".\r\n" {
                         break;
@@ -176,13 +229,13 @@ fn serve_mx(stream: TcpStream, script: &Script, log: &MxLog) {
             to.clear();
             "250 2.0.0 ok".into()
         } else if upper == "QUIT" {
-            say("221 2.0.0 bye");
-            return;
+            say(reader, "221 2.0.0 bye");
+            return Ended::Done;
         } else {
             "250 2.0.0 ok".into()
         };
-        if !say(&reply) {
-            return;
+        if !say(reader, &reply) {
+            return Ended::Done;
         }
     }
 }
@@ -786,4 +839,86 @@ fn mail_still_undelivered_after_the_queue_lifetime_bounces() {
         "{}",
         dsns[0]
     );
+}
+
+/// A throw-away identity for the fake MX (opportunistic TLS does not check it).
+fn mx_tls_identity() -> Arc<rustls::ServerConfig> {
+    let certified = rcgen::generate_simple_self_signed(vec!["mx1.far.test".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        certified.key_pair.serialize_der(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    Arc::new(config)
+}
+
+#[test]
+fn mail_goes_encrypted_to_an_mx_that_offers_starttls() {
+    let port = free_relay_port();
+    let mut zone = fake_dns::Zone::default();
+    zone.mx("far.test", &[(10, "mx1.far.test")]);
+    zone.a("mx1.far.test", "127.0.0.2");
+    let dns = start_dns(zone);
+    let script = Script {
+        starttls: Some(mx_tls_identity()),
+        ..Script::default()
+    };
+    let mx = start_mx("127.0.0.2", port, script);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let body = b"Subject: sealed\r\n\r\nsent over TLS\r\n";
+    let reply = send_mail(
+        server.addr("smtp"),
+        "alice@example.test",
+        &["bob@far.test"],
+        body,
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    wait_until(Duration::from_secs(10), "delivery", || {
+        !accepted(&mx).is_empty()
+    });
+    assert!(accepted(&mx)[0].data.ends_with(body));
+    assert_eq!(
+        mx.tls_sessions.load(Ordering::SeqCst),
+        1,
+        "delivered without TLS"
+    );
+    assert_eq!(mx.connections.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_failed_starttls_handshake_falls_back_to_plain_text() {
+    let port = free_relay_port();
+    let mut zone = fake_dns::Zone::default();
+    zone.mx("far.test", &[(10, "mx1.far.test")]);
+    zone.a("mx1.far.test", "127.0.0.2");
+    let dns = start_dns(zone);
+    let script = Script {
+        broken_starttls: true,
+        ..Script::default()
+    };
+    let mx = start_mx("127.0.0.2", port, script);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let body = b"Subject: fallback\r\n\r\nplain after a broken handshake\r\n";
+    let reply = send_mail(
+        server.addr("smtp"),
+        "alice@example.test",
+        &["bob@far.test"],
+        body,
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    wait_until(Duration::from_secs(10), "delivery", || {
+        !accepted(&mx).is_empty()
+    });
+    assert!(accepted(&mx)[0].data.ends_with(body));
+    assert_eq!(mx.tls_sessions.load(Ordering::SeqCst), 0);
+    // One connection for the failed handshake, one to deliver in plain text.
+    assert_eq!(mx.connections.load(Ordering::SeqCst), 2);
 }

@@ -13,13 +13,13 @@ use super::outcome;
 use super::queue::{Job, MESSAGES_PER_CONNECTION};
 use super::Shard;
 use crate::envelope;
-use crate::tls::OutboundStream;
 use crate::relay::client::{
     body_pieces, contains_8bit, data_terminator, ClientAction, OutgoingMessage, RecipientOutcome,
     Reply, ReplyClass, SmtpClient,
 };
 use crate::relay::nexthop::{hop_targets, route_for_domain, smarthost_route, HopTargets, Route};
 use crate::shard::conn::{read_some, write_all, ReadOutcome};
+use crate::tls::OutboundStream;
 
 /// How long an idle connection waits for more mail for its domain before QUIT: mail that
 /// trickles in (one client sending message after message) still shares a connection.
