@@ -45,8 +45,10 @@ pub struct EnvelopeRecipient {
 /// The SMTP envelope of a stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
-    /// Acceptance time (Unix seconds): Arrival-Date of DSNs, start of the queue lifetime.
-    pub received_at_secs: u64,
+    /// Acceptance time (Unix microseconds): fine enough that messages accepted one after the
+    /// other on different shards list in that order; also Arrival-Date of DSNs and the start
+    /// of the queue lifetime.
+    pub received_at_us: u64,
     /// MAIL FROM as received, without brackets; empty for the null sender `<>`.
     pub mail_from: String,
     pub recipients: Vec<EnvelopeRecipient>,
@@ -54,6 +56,13 @@ pub struct Envelope {
     pub eight_bit: bool,
     /// The envelope or headers need SMTPUTF8 to be relayed.
     pub smtputf8: bool,
+}
+
+impl Envelope {
+    /// Acceptance time in whole Unix seconds (for dates shown to people).
+    pub fn received_at_secs(&self) -> u64 {
+        self.received_at_us / 1_000_000
+    }
 }
 
 /// A decoded message record: the envelope plus where the header and body sit in the payload.
@@ -110,7 +119,7 @@ pub fn encode_envelope(envelope: &Envelope, received_len: usize, body_len: u64) 
         flags |= FLAG_SMTPUTF8;
     }
     out.push(flags);
-    out.extend_from_slice(&envelope.received_at_secs.to_le_bytes());
+    out.extend_from_slice(&envelope.received_at_us.to_le_bytes());
     out.extend_from_slice(&(received_len as u32).to_le_bytes());
     out.extend_from_slice(&body_len.to_le_bytes());
     put_str(&mut out, &envelope.mail_from);
@@ -183,7 +192,7 @@ pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
         return Err(DecodeError::Version(version));
     }
     let flags = r.u8()?;
-    let received_at_secs = r.u64()?;
+    let received_at_us = r.u64()?;
     let received_len = r.u32()? as usize;
     let body_len = usize::try_from(r.u64()?).map_err(|_| DecodeError::LengthMismatch)?;
     let mail_from = r.string()?;
@@ -213,7 +222,7 @@ pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
     }
     Ok(MessageLayout {
         envelope: Envelope {
-            received_at_secs,
+            received_at_us,
             mail_from,
             recipients,
             eight_bit: flags & FLAG_EIGHT_BIT != 0,
@@ -340,7 +349,7 @@ mod tests {
 
     fn sample() -> Envelope {
         Envelope {
-            received_at_secs: 1_790_000_000,
+            received_at_us: 1_790_000_000_123_456,
             mail_from: "sender@example.org".into(),
             recipients: vec![
                 EnvelopeRecipient {

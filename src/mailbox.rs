@@ -27,16 +27,16 @@ pub enum OpenRefusal {
 /// stable across sessions and restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Position {
-    received_at_secs: u64,
+    received_at_us: u64,
     shard: u16,
     record: u64,
     recipient: u16,
 }
 
 impl Position {
-    fn of(key: MessageKey, received_at_secs: u64) -> Position {
+    fn of(key: MessageKey, received_at_us: u64) -> Position {
         Position {
-            received_at_secs,
+            received_at_us,
             shard: key.shard,
             record: key.record,
             recipient: key.recipient,
@@ -79,12 +79,12 @@ pub fn uidl(key: MessageKey) -> String {
 impl MailboxIndex {
     /// Records that a message waits in `mailbox`. Adding the same key twice changes nothing,
     /// so replays at start-up are harmless.
-    pub fn add(&mut self, mailbox: &str, key: MessageKey, received_at_secs: u64, size_octets: u64) {
+    pub fn add(&mut self, mailbox: &str, key: MessageKey, received_at_us: u64, size_octets: u64) {
         let mailbox = self.boxes.entry(mailbox.to_ascii_lowercase()).or_default();
         if mailbox.positions.contains_key(&key) {
             return;
         }
-        let position = Position::of(key, received_at_secs);
+        let position = Position::of(key, received_at_us);
         mailbox.messages.insert(position, size_octets);
         mailbox.positions.insert(key, position);
     }

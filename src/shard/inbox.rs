@@ -19,14 +19,14 @@ pub fn handle(shard: &Rc<Shard>, message: MeshMessage) {
         MeshMessage::MailboxAdd {
             mailbox,
             key,
-            received_at_secs,
+            received_at_us,
             size_octets,
             done,
         } => {
             shard
                 .mailboxes
                 .borrow_mut()
-                .add(&mailbox, key, received_at_secs, size_octets);
+                .add(&mailbox, key, received_at_us, size_octets);
             if let Some(done) = done {
                 let _ = done.try_send(());
             }

@@ -28,10 +28,10 @@ pub fn return_path_line(mail_from: &str) -> String {
     format!("Return-Path: <{mail_from}>\r\n")
 }
 
-fn unix_now_secs() -> u64 {
+fn unix_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The queue id a client sees: unique across shards (the shard prefix) and restarts (the
@@ -57,7 +57,7 @@ pub async fn store_transaction(
     }
     let id = shard.store.allocate_id();
     let queue_id = queue_id(shard.id, id);
-    let received_at_secs = unix_now_secs();
+    let received_at_us = unix_now_us();
     let received = received::build(&received::ReceivedFields {
         helo: &transaction.helo,
         peer_ip: transaction.peer.ip(),
@@ -71,10 +71,10 @@ pub async fn store_transaction(
         queue_id: &queue_id,
         recipient: (transaction.recipients.len() == 1)
             .then(|| transaction.recipients[0].address.as_str()),
-        unix_time_secs: received_at_secs as i64,
+        unix_time_secs: (received_at_us / 1_000_000) as i64,
     });
     let envelope = Envelope {
-        received_at_secs,
+        received_at_us,
         mail_from: transaction.mail_from.clone(),
         recipients: transaction
             .recipients
@@ -134,7 +134,7 @@ pub async fn store_transaction(
                     record: id.0,
                     recipient: index as u16,
                 },
-                received_at_secs,
+                received_at_us,
                 retr_size_octets(&envelope.mail_from, stored_len),
                 Some(done),
             )
@@ -162,7 +162,7 @@ pub async fn index_on_owner(
     shard: &Rc<Shard>,
     mailbox: &str,
     key: MessageKey,
-    received_at_secs: u64,
+    received_at_us: u64,
     size_octets: u64,
     done: Option<super::mesh::Reply<()>>,
 ) {
@@ -170,7 +170,7 @@ pub async fn index_on_owner(
     let message = MeshMessage::MailboxAdd {
         mailbox: mailbox.to_string(),
         key,
-        received_at_secs,
+        received_at_us,
         size_octets,
         done,
     };
@@ -270,16 +270,16 @@ pub async fn store_generated(
     };
     let id = shard.store.allocate_id();
     let queue_id = queue_id(shard.id, id);
-    let received_at_secs = unix_now_secs();
+    let received_at_us = unix_now_us();
     // No client handed this over: the trace header says only who made it.
     let received = format!(
         "Received: by {} (ringmail) id {queue_id};\r\n\t{}\r\n",
         config.hostname,
-        received::rfc5322_date(received_at_secs as i64)
+        received::rfc5322_date((received_at_us / 1_000_000) as i64)
     )
     .into_bytes();
     let envelope = Envelope {
-        received_at_secs,
+        received_at_us,
         mail_from: message.mail_from,
         recipients: vec![EnvelopeRecipient {
             address: message.recipient,
@@ -310,7 +310,7 @@ pub async fn store_generated(
                     record: id.0,
                     recipient: 0,
                 },
-                received_at_secs,
+                received_at_us,
                 retr_size_octets(&envelope.mail_from, stored_len),
                 Some(done),
             )

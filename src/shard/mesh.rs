@@ -30,7 +30,7 @@ pub enum MeshMessage {
     MailboxAdd {
         mailbox: String,
         key: MessageKey,
-        received_at_secs: u64,
+        received_at_us: u64,
         size_octets: u64,
         done: Option<Reply<()>>,
     },

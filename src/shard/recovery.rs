@@ -91,7 +91,7 @@ pub async fn rebuild(shard: &Rc<Shard>, recovered: Recovered) {
                     record: id.0,
                     recipient: index as u16,
                 },
-                layout.envelope.received_at_secs,
+                layout.envelope.received_at_us,
                 retr_size_octets(&layout.envelope.mail_from, layout.stored_message().len()),
                 Some(done),
             )

@@ -212,8 +212,8 @@ async fn bounce(
             reporting_mta: &shard.shared.config.hostname,
             original_sender: &sender,
             queue_id: &qid,
-            arrival_unix_secs: layout.envelope.received_at_secs as i64,
-            now_unix_secs: (super::unix_now_ms() / 1000) as i64,
+            arrival_unix_secs: layout.envelope.received_at_secs() as i64,
+            now_unix_secs: (super::unix_now_us() / 1000) as i64,
             recipients: &recipients,
             original_message: &original,
         });

@@ -66,7 +66,7 @@ pub fn jobs_for_message(
                 domain,
                 recipients: vec![index],
                 attempts: 0,
-                first_attempt_ms: envelope.received_at_secs.saturating_mul(1000),
+                first_attempt_ms: envelope.received_at_us / 1000,
             }),
         }
     }
@@ -229,7 +229,7 @@ mod tests {
 
     fn envelope(recipients: &[(&str, bool)]) -> Envelope {
         Envelope {
-            received_at_secs: 1_000,
+            received_at_us: 1_000_000_000,
             mail_from: "a@here.test".into(),
             recipients: recipients
                 .iter()

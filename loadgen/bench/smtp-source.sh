@@ -1,0 +1,44 @@
+#!/bin/bash
+# Issue 4's end-to-end matrix with Postfix's own driver: smtp-source against ringmail, against
+# Postfix delivering to Maildirs (default fsyncs), and against Postfix's no-disk smtp-sink;
+# 10 KiB messages to one mailbox (u7@bench.test), 8 and 32 sessions, a connection per message
+# and with -d (reuse). Run loadgen/compare.sh once first: it installs and configures Postfix
+# (domain bench.test, users u0..u99). Usage: loadgen/bench/smtp-source.sh [MESSAGES]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+M=${1:-4000}
+WORK=$(mktemp -d)
+RINGMAIL=127.0.0.1:13525
+SINK=127.0.0.1:13526
+POSTFIX=127.0.0.1:25
+trap 'kill $(jobs -p) 2>/dev/null || true; postfix stop >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+
+hash=$(echo pw | "$ROOT/target/release/ringmail" hash-password)
+{
+  echo 'hostname = "mx.bench.test"'
+  echo "data_dir = \"$WORK/data\""
+  echo 'local_domains = ["bench.test"]'
+  for i in $(seq 0 99); do printf '[[users]]\naddress = "u%d@bench.test"\npassword_hash = "%s"\n' "$i" "$hash"; done
+  printf '[smtp]\nlisten = ["%s"]\n[pop3]\nlisten = ["127.0.0.1:0"]\n[relay]\nresolver = "127.0.0.1:53535"\n' "$RINGMAIL"
+} > "$WORK/ringmail.toml"
+"$ROOT/target/release/ringmail" serve --config "$WORK/ringmail.toml" > "$WORK/ringmail.out" 2> /dev/null &
+smtp-sink -u nobody "$SINK" 1000 &
+postfix start >/dev/null 2>&1 || true
+sleep 2
+
+run() { # label target sessions reuse
+  local flags=(-s "$3" -m "$M" -l 10240 -f from@x.test -t u7@bench.test)
+  [ "$4" = reuse ] && flags+=(-d)
+  local start end
+  start=$(date +%s.%N)
+  smtp-source "${flags[@]}" "$2"
+  end=$(date +%s.%N)
+  python3 -c "print(f'{\"$1\":10} sessions={$3:<3} {\"$4\":7} {$M/($end-$start):8.0f} msgs/s')"
+}
+for sessions in 8 32; do
+  for mode in per-msg reuse; do
+    run ringmail "$RINGMAIL" "$sessions" "$mode"
+    run postfix "$POSTFIX" "$sessions" "$mode"
+    run smtp-sink "$SINK" "$sessions" "$mode"
+  done
+done
