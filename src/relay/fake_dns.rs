@@ -135,9 +135,16 @@ pub struct FakeDns {
 
 /// Start serving `zone` on 127.0.0.1 (a free port) on the current executor.
 pub fn spawn(zone: Zone) -> FakeDns {
-    let udp = glommio::net::UdpSocket::bind("127.0.0.1:0").expect("bind fake DNS UDP");
-    let addr = udp.local_addr().expect("fake DNS address");
-    let tcp = glommio::net::TcpListener::bind(addr).expect("bind fake DNS TCP");
+    // A port free for UDP may be taken for TCP (tests running beside us open connections
+    // from ephemeral ports): try a few until both bind.
+    let (udp, tcp, addr) = (0..64)
+        .find_map(|_| {
+            let udp = glommio::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+            let addr = udp.local_addr().ok()?;
+            let tcp = glommio::net::TcpListener::bind(addr).ok()?;
+            Some((udp, tcp, addr))
+        })
+        .expect("bind fake DNS on UDP and TCP");
     let zone = Rc::new(zone);
     let udp_queries = Rc::new(Cell::new(0));
     let tcp_queries = Rc::new(Cell::new(0));
