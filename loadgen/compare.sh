@@ -14,12 +14,12 @@
 # Loads (10 KiB messages to u{0..99}@bench.test; everything on loopback):
 #   ingest-1      32 connections, 1 message per connection      (N messages)
 #   ingest-100    32 connections, 100 messages per connection   (2N messages)
-#   pop3          16 connections: log in, LIST, RETR everything, for each of the 100 users
+#   pop3-C        C = 1, 4, 16 connections: log in, LIST, RETR everything, for each of the 100 users
 #                 (the 3N messages the ingest loads left; Postfix's queue is drained first)
 #   relay         8 connections to u{0..99}@relay.test (N/2 messages), relayed to a `loadgen sink`
 #                 on 127.0.0.2 (ringmail finds it through a `loadgen dns`); the rate is taken up
 #                 to the moment the sink has counted every message (1 s resolution)
-# N defaults to 6000 (so no load exceeds 20,000 messages). Every load is also cut off after LOAD_TIMEOUT_SECS (default 120).
+# N defaults to 6000 and may be at most 7000 (so no load exceeds 21,000 messages). Every load is also cut off after LOAD_TIMEOUT_SECS (default 120).
 # A server that cannot do a load (e.g. a build whose relay is not wired yet) gets "n/a" and why.
 set -euo pipefail
 
@@ -49,8 +49,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$MESSAGES" in ''|*[!0-9]*) echo "--messages takes a number" >&2; exit 2 ;; esac
-if [ "$MESSAGES" -lt 32 ] || [ "$MESSAGES" -gt 6000 ]; then
-  echo "--messages must be between 32 and 6000 (POP3 then retrieves 3N)" >&2; exit 2
+if [ "$MESSAGES" -lt 32 ] || [ "$MESSAGES" -gt 7000 ]; then
+  echo "--messages must be between 32 and 7000 (POP3 then retrieves 3N)" >&2; exit 2
 fi
 [ "$(id -u)" -eq 0 ] || { echo "compare.sh must run as root (it installs and starts Postfix and Dovecot)" >&2; exit 2; }
 
@@ -292,8 +292,10 @@ run_loads() { # SERVER SMTP_ADDR POP3_ADDR
     done
     echo "   postfix queue: $(postqueue -p | tail -n 1)"
   fi
-  load "$server" pop3 "$LOADGEN" pop3 --target "$pop3" --connections 16 \
-    --user "u{0..$((NUSERS - 1))}@bench.test" --password pw
+  for connections in 1 4 16; do
+    load "$server" "pop3-$connections" "$LOADGEN" pop3 --target "$pop3" --connections "$connections" \
+      --user "u{0..$((NUSERS - 1))}@bench.test" --password pw
+  done
   relay_load "$server" "$smtp" "$WORK/$server-sink.log"
 }
 
@@ -325,11 +327,14 @@ results, json_out, messages = sys.argv[1], sys.argv[2], int(sys.argv[3])
 loads = [
     ("ingest-1", "ingest 10 KiB, 32 conn, 1 msg/conn", "transaction"),
     ("ingest-100", "ingest 10 KiB, 32 conn, 100 msg/conn", "transaction"),
-    ("pop3", "POP3 LIST+RETR all, 16 conn", "retr"),
+    ("pop3-1", "POP3 LIST+RETR all, 1 conn", "retr"),
+    ("pop3-4", "POP3 LIST+RETR all, 4 conn", "retr"),
+    ("pop3-16", "POP3 LIST+RETR all, 16 conn", "retr"),
     ("relay", "relay to sink, 10 KiB, 8 conn", "transaction"),
 ]
 servers = [("ringmail", "ringmail"), ("postfix", "Postfix/Dovecot")]
-expected = {"ingest-1": messages, "ingest-100": 2 * messages, "pop3": 3 * messages, "relay": messages // 2}
+expected = {"ingest-1": messages, "ingest-100": 2 * messages, "relay": messages // 2,
+            **{f"pop3-{c}": 3 * messages for c in (1, 4, 16)}}
 
 def read(path):
     try:
