@@ -80,11 +80,13 @@ fn transaction(c: &mut Criterion) {
         max_message_size: 26_214_400,
         max_recipients: 100,
         directory: Rc::new(directory),
+        starttls_available: false,
     });
     let peer = PeerInfo {
         addr: "127.0.0.1:40000".parse().expect("address"),
         relay_allowed: true,
         tls: false,
+        auth_required: false,
     };
     let mut wire = b"EHLO client.test\r\nMAIL FROM:<s@client.test> SIZE=10240\r\n\
 RCPT TO:<u7@bench.test>\r\nDATA\r\n"

@@ -143,6 +143,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// Recipient indexes of an outcome or deferral record: a count, then each index.
+fn put_recipients(out: &mut Vec<u8>, recipients: &[u16]) {
+    out.extend_from_slice(&(recipients.len() as u16).to_le_bytes());
+    for r in recipients {
+        out.extend_from_slice(&r.to_le_bytes());
+    }
+}
+
 /// A cursor over a payload that never reads past its end.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -171,6 +179,19 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
+    /// A recipient index list that must end the payload exactly.
+    fn recipients_to_end(&mut self) -> Result<Vec<u16>, DecodeError> {
+        let count = usize::from(self.u16()?);
+        let mut recipients = Vec::with_capacity(count);
+        for _ in 0..count {
+            recipients.push(self.u16()?);
+        }
+        if self.pos != self.bytes.len() {
+            return Err(DecodeError::LengthMismatch);
+        }
+        Ok(recipients)
+    }
+
     fn string(&mut self) -> Result<String, DecodeError> {
         let len = usize::from(self.u16()?);
         if len > MAX_PATH_BYTES {
@@ -258,10 +279,7 @@ impl OutcomeRecord {
         let mut out = Vec::with_capacity(11 + 2 * self.recipients.len());
         out.extend_from_slice(&self.message.to_le_bytes());
         out.push(self.outcome as u8);
-        out.extend_from_slice(&(self.recipients.len() as u16).to_le_bytes());
-        for r in &self.recipients {
-            out.extend_from_slice(&r.to_le_bytes());
-        }
+        put_recipients(&mut out, &self.recipients);
         out
     }
 
@@ -277,14 +295,7 @@ impl OutcomeRecord {
             3 => Outcome::Bounced,
             other => return Err(DecodeError::Destination(other)),
         };
-        let count = usize::from(r.u16()?);
-        let mut recipients = Vec::with_capacity(count);
-        for _ in 0..count {
-            recipients.push(r.u16()?);
-        }
-        if r.pos != payload.len() {
-            return Err(DecodeError::LengthMismatch);
-        }
+        let recipients = r.recipients_to_end()?;
         Ok(OutcomeRecord {
             message,
             outcome,
@@ -310,10 +321,7 @@ impl DeferralRecord {
         out.extend_from_slice(&self.message.to_le_bytes());
         out.extend_from_slice(&self.attempts.to_le_bytes());
         out.extend_from_slice(&self.next_attempt_ms.to_le_bytes());
-        out.extend_from_slice(&(self.recipients.len() as u16).to_le_bytes());
-        for r in &self.recipients {
-            out.extend_from_slice(&r.to_le_bytes());
-        }
+        put_recipients(&mut out, &self.recipients);
         out
     }
 
@@ -325,14 +333,7 @@ impl DeferralRecord {
         let message = r.u64()?;
         let attempts = r.u32()?;
         let next_attempt_ms = r.u64()?;
-        let count = usize::from(r.u16()?);
-        let mut recipients = Vec::with_capacity(count);
-        for _ in 0..count {
-            recipients.push(r.u16()?);
-        }
-        if r.pos != payload.len() {
-            return Err(DecodeError::LengthMismatch);
-        }
+        let recipients = r.recipients_to_end()?;
         Ok(DeferralRecord {
             message,
             attempts,

@@ -8,6 +8,7 @@
 //! hosts can never bounce bounces at each other.
 
 use super::client::{Reply, ReplyClass};
+use crate::smtp::received::rfc5322_date;
 
 /// Envelope sender of every DSN: the null reverse-path (RFC 5321 §4.5.5).
 pub const DSN_ENVELOPE_SENDER: &str = "";
@@ -327,47 +328,6 @@ fn dot_stuff(text: &[u8]) -> Vec<u8> {
     stuffed
 }
 
-/// An RFC 5322 date in UTC, e.g. "Thu, 26 Nov 2026 19:25:56 +0000".
-pub fn rfc5322_date(unix_secs: i64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = unix_secs.div_euclid(86_400);
-    let secs_of_day = unix_secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
-        DAYS[days.rem_euclid(7) as usize],
-        day,
-        MONTHS[(month - 1) as usize],
-        year,
-        secs_of_day / 3600,
-        secs_of_day % 3600 / 60,
-        secs_of_day % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month 1..=12, day 1..=31), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,7 +450,7 @@ Subject: hello\r
     #[test]
     fn dates_table() {
         let cases = [
-            (0, "Thu, 01 Jan 1970 00:00:00 +0000"),
+            (0, "Thu, 1 Jan 1970 00:00:00 +0000"),
             (951_782_400, "Tue, 29 Feb 2000 00:00:00 +0000"),
             (1_795_719_956, "Thu, 26 Nov 2026 19:05:56 +0000"),
             (4_133_980_799, "Fri, 31 Dec 2100 23:59:59 +0000"),

@@ -25,7 +25,7 @@ pub async fn read_some<S: AsyncRead + Unpin>(
         stream
             .read(buf)
             .await
-            .map_err(|e| glommio::GlommioError::IoError(e))
+            .map_err(glommio::GlommioError::IoError)
     })
     .await;
     match read {
