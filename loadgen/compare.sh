@@ -365,6 +365,20 @@ def figures(server, load, phase):
     if not run:
         return {"na": "loadgen wrote no result"}
     p99 = run.get("latency", {}).get(phase, {}).get("p99_us")
+    if load.startswith("pop3-"):
+        # Retrieval apart from login (both servers verify the same argon2id hash): the wall
+        # time minus each connection's share of the time spent logging in.
+        connections = int(load.split("-")[1])
+        login = run.get("latency", {}).get("login", {})
+        login_secs = login.get("total_us", 0) / 1e6 / connections
+        secs = max(run["elapsed_secs"] - login_secs, 1e-9)
+        return {"msgs_per_sec": run["messages"] / secs, "mb_per_sec": run["bytes"] / secs / 1e6,
+                "p99_ms": p99 / 1000 if p99 is not None else None,
+                "messages": run["messages"], "secs": secs,
+                "login_p50_ms": login.get("p50_us", 0) / 1000,
+                "msgs_per_sec_with_logins": run["msgs_per_sec"],
+                "failures": run.get("failures", 0),
+                "note": f"retrieval only: {run['msgs_per_sec']:,.0f} msgs/s counting the 100 logins (login p50 {login.get('p50_us', 0) / 1000:.0f} ms)"}
     out = {"msgs_per_sec": run["msgs_per_sec"], "mb_per_sec": run["mb_per_sec"],
            "p99_ms": p99 / 1000 if p99 is not None else None,
            "messages": run["messages"], "secs": run["elapsed_secs"],

@@ -44,6 +44,12 @@ impl Phase {
     }
 
     /// Number of recorded latencies.
+    /// Sum of every recorded latency (count × mean, to the histogram's 3 significant
+    /// digits): how long all connections together spent in this phase.
+    pub fn total_micros(&self) -> u64 {
+        (self.histogram.mean() * self.histogram.len() as f64).round() as u64
+    }
+
     pub fn count(&self) -> u64 {
         self.histogram.len()
     }
@@ -264,6 +270,7 @@ pub fn summary_json(mode: &str, stats: &Stats, elapsed: Duration) -> serde_json:
             );
         }
         figures.insert("max_us".into(), phase.max_micros().into());
+        figures.insert("total_us".into(), phase.total_micros().into());
         phases.insert((*name).to_string(), figures.into());
     }
     let codes: serde_json::Map<String, serde_json::Value> = stats

@@ -59,3 +59,44 @@ pub async fn write_all<S: AsyncWrite + Unpin>(
         other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
     })
 }
+
+/// Writes every piece, in order, with as few system calls as the socket allows (one, unless
+/// it is full): used to send a reply line, stored message bytes and a terminator together
+/// without first copying them into one buffer.
+pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    pieces: &[&[u8]],
+    timeout: Duration,
+) -> io::Result<()> {
+    let mut piece = 0;
+    let mut offset = 0;
+    glommio::timer::timeout(timeout, async {
+        while piece < pieces.len() {
+            let slices: Vec<io::IoSlice<'_>> = std::iter::once(&pieces[piece][offset..])
+                .chain(pieces[piece + 1..].iter().copied())
+                .map(io::IoSlice::new)
+                .collect();
+            let mut written = stream
+                .write_vectored(&slices)
+                .await
+                .map_err(glommio::GlommioError::IoError)?;
+            if written == 0 && slices.iter().any(|s| !s.is_empty()) {
+                return Err(glommio::GlommioError::IoError(
+                    io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            while piece < pieces.len() && written >= pieces[piece].len() - offset {
+                written -= pieces[piece].len() - offset;
+                piece += 1;
+                offset = 0;
+            }
+            offset += written;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| match e {
+        glommio::GlommioError::IoError(e) => e,
+        other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
+    })
+}

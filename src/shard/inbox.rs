@@ -47,8 +47,12 @@ pub fn handle(shard: &Rc<Shard>, message: MeshMessage) {
             .mailboxes
             .borrow_mut()
             .close(&mailbox, holder, &removed),
-        MeshMessage::ReadRecord { record, reply } => {
-            let _ = reply.try_send(shard.store.read(record).map_err(|e| e.to_string()));
+        MeshMessage::ReadRecords { records, reply } => {
+            let handles = records
+                .into_iter()
+                .map(|record| shard.store.read(record).map_err(|e| e.to_string()))
+                .collect();
+            let _ = reply.try_send(handles);
         }
         MeshMessage::RecordOutcome {
             record,

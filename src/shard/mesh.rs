@@ -46,10 +46,12 @@ pub enum MeshMessage {
         holder: SessionId,
         removed: Vec<MessageKey>,
     },
-    /// To the shard that stored a record: a handle on its bytes.
-    ReadRecord {
-        record: RecordId,
-        reply: Reply<Result<RecordRef, String>>,
+    /// To the shard that stored these records: handles on their bytes, in order. A POP3
+    /// session asks for the messages ahead of the one it sends, so that retrieving a
+    /// maildrop costs one round trip per batch rather than one per message.
+    ReadRecords {
+        records: Vec<RecordId>,
+        reply: Reply<Vec<Result<RecordRef, String>>>,
     },
     /// To the shard that stored a message: these recipients are finished; answer once that is
     /// durable in its log.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWrite};
 
-use super::conn::{read_some, write_all, ReadOutcome};
+use super::conn::{read_some, write_all, write_all_vectored, ReadOutcome};
 use super::ingest::{record_outcome, return_path_line};
 use super::mesh::{reply_channel, MeshMessage};
 use super::stream::ConnStream;
@@ -95,6 +95,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         serial: shard.next_session_serial(),
     };
     let mut maildrop: Option<HeldMaildrop> = None;
+    let mut read_ahead = ReadAhead::default();
     let idle_timeout = config.pop3.idle_timeout;
 
     loop {
@@ -166,6 +167,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     .map(str::to_string)
                     .unwrap_or(user);
                 let result = open_maildrop(&shard, &mailbox, holder).await;
+                if let Ok(listing) = &result {
+                    read_ahead.listing = listing.iter().map(|entry| entry.key).collect();
+                }
                 if result.is_ok() {
                     maildrop = Some(HeldMaildrop {
                         shard: Rc::clone(&shard),
@@ -177,9 +181,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 session.mailbox_opened(result);
             }
             Action::SendMessage { key, top_lines } => {
-                if send_message(&shard, &mut stream, &mut session, key, top_lines)
-                    .await
-                    .is_err()
+                if send_message(
+                    &shard,
+                    &mut stream,
+                    &mut session,
+                    &mut read_ahead,
+                    key,
+                    top_lines,
+                )
+                .await
+                .is_err()
                 {
                     break;
                 }
@@ -269,24 +280,67 @@ async fn open_maildrop(
     }
 }
 
-/// A handle on a stored record, from this shard's log or another's.
-async fn fetch_record(shard: &Rc<Shard>, key: MessageKey) -> Result<RecordRef, String> {
-    let record = RecordId(key.record);
-    if usize::from(key.shard) == shard.id {
-        return shard.store.read(record).map_err(|e| e.to_string());
+/// Record handles a session fetched ahead of need, for messages stored on other shards.
+///
+/// A `RecordRef` is a pointer into a shared memory map, so asking the storing shard for a batch
+/// of them in one request costs one mesh round trip per [`READ_AHEAD_RECORDS`] messages instead
+/// of one per RETR. Handles are dropped as they are used, so at most one batch is held.
+#[derive(Default)]
+struct ReadAhead {
+    /// The maildrop's keys in listing order, to know which messages come next.
+    listing: Vec<MessageKey>,
+    handles: std::collections::HashMap<MessageKey, RecordRef>,
+}
+
+/// Messages whose handles one request fetches.
+pub const READ_AHEAD_RECORDS: usize = 64;
+
+impl ReadAhead {
+    /// A handle on `key`'s record, from this shard's log directly or from the storing shard
+    /// together with the next messages it stores for this maildrop.
+    async fn fetch(&mut self, shard: &Rc<Shard>, key: MessageKey) -> Result<RecordRef, String> {
+        if usize::from(key.shard) == shard.id {
+            return shard
+                .store
+                .read(RecordId(key.record))
+                .map_err(|e| e.to_string());
+        }
+        if let Some(handle) = self.handles.remove(&key) {
+            return Ok(handle);
+        }
+        let start = self.listing.iter().position(|k| *k == key).unwrap_or(0);
+        let mut batch = vec![key];
+        batch.extend(
+            self.listing[start..]
+                .iter()
+                .filter(|k| k.shard == key.shard && **k != key && !self.handles.contains_key(k))
+                .take(READ_AHEAD_RECORDS - 1),
+        );
+        let (reply, answer) = reply_channel();
+        shard
+            .mesh
+            .send(
+                usize::from(key.shard),
+                MeshMessage::ReadRecords {
+                    records: batch.iter().map(|k| RecordId(k.record)).collect(),
+                    reply,
+                },
+            )
+            .await;
+        let handles = answer
+            .recv_async()
+            .await
+            .map_err(|_| "the storing shard is gone".to_string())?;
+        let mut wanted = Err("the storing shard answered nothing".to_string());
+        for (k, handle) in batch.into_iter().zip(handles) {
+            if k == key {
+                wanted = handle;
+            } else if let Ok(handle) = handle {
+                self.handles.insert(k, handle);
+            }
+        }
+        wanted
     }
-    let (reply, answer) = reply_channel();
-    shard
-        .mesh
-        .send(
-            usize::from(key.shard),
-            MeshMessage::ReadRecord { record, reply },
-        )
-        .await;
-    answer
-        .recv_async()
-        .await
-        .map_err(|_| "the storing shard is gone".to_string())?
 }
 
 /// RETR/TOP: the session queued the `+OK` line; send `Return-Path:`, then the stored bytes
@@ -295,10 +349,12 @@ async fn send_message<S: AsyncWrite + Unpin>(
     shard: &Rc<Shard>,
     stream: &mut S,
     session: &mut Session,
+    read_ahead: &mut ReadAhead,
     key: MessageKey,
     top_lines: Option<u64>,
 ) -> std::io::Result<()> {
-    let record = fetch_record(shard, key)
+    let record = read_ahead
+        .fetch(shard, key)
         .await
         .map_err(std::io::Error::other)?;
     let layout = envelope::decode_message(&record).map_err(std::io::Error::other)?;
@@ -313,14 +369,13 @@ async fn send_message<S: AsyncWrite + Unpin>(
     let mut head = session.output().to_vec();
     session.output_consumed(head.len());
     head.extend_from_slice(return_path_line(&layout.envelope.mail_from).as_bytes());
-    write_all(stream, &head, WRITE_TIMEOUT).await?;
-    write_all(stream, stored, WRITE_TIMEOUT).await?;
     let tail: &[u8] = if stored.is_empty() || stored.ends_with(b"\r\n") {
         b".\r\n"
     } else {
         b"\r\n.\r\n"
     };
-    write_all(stream, tail, WRITE_TIMEOUT).await?;
+    // One sendmsg: the reply line, the stored bytes read in place from the map, the dot.
+    write_all_vectored(stream, &[&head, stored, tail], WRITE_TIMEOUT).await?;
     shard
         .metrics
         .pop3

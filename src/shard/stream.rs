@@ -65,6 +65,43 @@ impl AsyncWrite for ConnStream {
         }
     }
 
+    /// One `sendmsg` for several pieces (a reply line, a message straight from the log's map,
+    /// the terminating dot) instead of a system call per piece. Like glommio's own writes it
+    /// first tries the non-blocking call directly; only when the socket is full does it fall
+    /// back to glommio, which waits for room.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ConnStream::Plain(tcp) => {
+                // SAFETY: IoSlice is ABI-compatible with iovec (std guarantees it on Unix), the
+                // slices outlive the call, and the descriptor is this stream's open socket.
+                let sent = unsafe {
+                    let mut header: libc::msghdr = std::mem::zeroed();
+                    header.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+                    header.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+                    libc::sendmsg(
+                        std::os::fd::AsRawFd::as_raw_fd(tcp),
+                        &header,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if sent >= 0 {
+                    return Poll::Ready(Ok(sent as usize));
+                }
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::WouldBlock {
+                    return Poll::Ready(Err(error));
+                }
+                let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+                Pin::new(tcp).poll_write(cx, first)
+            }
+            ConnStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ConnStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
