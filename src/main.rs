@@ -42,7 +42,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Log lines are handed to a writer thread: a shard must never block on stderr, and one line
     // per accepted message is a lot of lines. Under overload lines are dropped, never mail.
-    let (log_writer, _log_flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
+    // The writer thread drains lines in batches and flushes after each batch, so buffering
+    // stderr turns a write(2) per line into one per batch.
+    let (log_writer, _log_flush_on_exit) = tracing_appender::non_blocking(
+        std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()),
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RINGMAIL_LOG")

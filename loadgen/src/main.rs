@@ -196,9 +196,9 @@ struct SinkArgs {
     /// Largest message accepted in bytes (advertised as SIZE).
     #[arg(long, default_value_t = 64 << 20)]
     max_message_size: usize,
-    /// Seconds between count lines (0 = only at exit).
-    #[arg(long, default_value_t = 1)]
-    print_every_secs: u64,
+    /// Seconds between count lines, fractions allowed (0 = only at exit).
+    #[arg(long, default_value_t = 1.0)]
+    print_every_secs: f64,
 }
 
 /// Options of `loadgen dns`.
@@ -503,6 +503,11 @@ fn run_sink(args: SinkArgs) -> Result<ExitCode, RunError> {
             );
         }
     }
+    if !(args.print_every_secs >= 0.0 && args.print_every_secs <= 86_400.0) {
+        return Err(
+            UsageError::from("--print-every-secs must be between 0 and 86400 seconds").into(),
+        );
+    }
     let plan = sink::SinkPlan {
         listen,
         tempfail_basis_points: (args.tempfail * 100.0).round() as u32,
@@ -510,7 +515,7 @@ fn run_sink(args: SinkArgs) -> Result<ExitCode, RunError> {
         keep: args.keep,
         threads,
         max_message_bytes: args.max_message_size,
-        print_every: Duration::from_secs(args.print_every_secs),
+        print_every: Duration::from_secs_f64(args.print_every_secs),
     };
     sink::run(plan)?;
     Ok(ExitCode::SUCCESS)
