@@ -17,9 +17,10 @@
 //!   appenders; the wait is bounded by writes already issued, so it cannot starve).
 //! - The records of a batch are written concurrently, not coalesced into one write: a record
 //!   larger than [`StoreOptions::copy_below_bytes`] (4 KiB) is written from the caller's own
-//!   buffers (one io_uring write per piece, plus one for the header, all in flight at once),
-//!   so a message is never copied in user space; a smaller one is copied behind its header
-//!   and written with one operation, which measured cheaper than two.
+//!   buffers (one io_uring write per large piece, all in flight at once; leading pieces of at
+//!   most 1 KiB, such as an envelope and a `Received:` header, ride in the header's write), so
+//!   a message body is never copied in user space; a smaller record is copied behind its
+//!   header and written with one operation, which measured cheaper than two.
 //! - A failed fdatasync (or write) poisons its segment: every record in it that was not yet
 //!   reported durable gets [`StoreError::SyncFailed`], and the next append rolls to a new
 //!   segment. Records reported durable earlier stay readable.
@@ -290,8 +291,9 @@ pub struct StoreStats {
     pub segments_deleted: u64,
     /// Payload bytes copied by compaction.
     pub compaction_bytes_copied: u64,
-    /// Payload bytes of small appends copied behind their header (see
-    /// [`StoreOptions::copy_below_bytes`]); everything else is written without a copy.
+    /// Payload bytes copied behind their record header: whole small records (see
+    /// [`StoreOptions::copy_below_bytes`]) and the small leading pieces of large ones;
+    /// everything else is written without a copy.
     pub payload_bytes_copied: u64,
 }
 
