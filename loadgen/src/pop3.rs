@@ -137,6 +137,8 @@ pub struct Pop3Plan {
     pub max_message_bytes: usize,
     /// `--tls`: STLS after the greeting with this client configuration.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `--login-first`: in rounds of `connections` users, log all in, then retrieve all.
+    pub login_first: bool,
 }
 
 /// What one thread shares between its connections.
@@ -178,11 +180,15 @@ pub async fn run_thread(
         live,
         printed_errors: Cell::new(0),
     });
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| glommio::spawn_local(connection_loop(state.clone())))
-        .collect();
-    for task in tasks {
-        task.await;
+    if state.plan.login_first {
+        rounds(state.clone(), connections).await;
+    } else {
+        let tasks: Vec<_> = (0..connections)
+            .map(|_| glommio::spawn_local(connection_loop(state.clone())))
+            .collect();
+        for task in tasks {
+            task.await;
+        }
     }
     let stats = state.stats.borrow().clone();
     stats
@@ -197,28 +203,104 @@ async fn connection_loop(state: Rc<ThreadState>) {
             return;
         }
         let user = plan.users.nth(index);
-        let connect_start = Instant::now();
-        let frame_limit = plan.max_message_bytes + MAX_STATUS_LINE_BYTES;
-        let mut conn = match Conn::connect(plan.target, frame_limit).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                state.stats.borrow_mut().connect_errors += 1;
-                Live::add(&state.live.errors, 1);
-                state.print_error(&format_args!(
-                    "connect to {} for {user}: {error}",
-                    plan.target
-                ));
-                continue;
-            }
+        let Some(mut conn) = open(&state, &user).await else {
+            continue;
         };
-        state
-            .stats
-            .borrow_mut()
-            .record("connect", connect_start.elapsed());
-        if let Err(error) = mailbox(&state, &mut conn, &user).await {
-            state.stats.borrow_mut().protocol_errors += 1;
+        let result = match log_in(&state, &mut conn, &user).await {
+            Ok(true) => retrieve(&state, &mut conn, &user).await,
+            Ok(false) => Ok(()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            session_error(&state, &user, &error);
+        }
+    }
+}
+
+/// `--login-first`: rounds of `connections` users. Every session of a round logs in before
+/// any retrieves, and the retrieval half of each round is timed on its own, so that
+/// password hashing (argon2id costs tens of milliseconds of CPU) never runs beside the
+/// retrieval being measured.
+async fn rounds(state: Rc<ThreadState>, connections: u64) {
+    loop {
+        let mut users = Vec::new();
+        while (users.len() as u64) < connections {
+            let index = state.next_user.fetch_add(1, Ordering::Relaxed);
+            if index >= state.plan.users.count() {
+                break;
+            }
+            users.push(state.plan.users.nth(index));
+        }
+        if users.is_empty() {
+            return;
+        }
+        let logins: Vec<_> = users
+            .into_iter()
+            .map(|user| {
+                let state = state.clone();
+                glommio::spawn_local(async move {
+                    let mut conn = open(&state, &user).await?;
+                    match log_in(&state, &mut conn, &user).await {
+                        Ok(true) => Some((conn, user)),
+                        Ok(false) => None,
+                        Err(error) => {
+                            session_error(&state, &user, &error);
+                            None
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut sessions = Vec::new();
+        for login in logins {
+            sessions.extend(login.await);
+        }
+        let retrieval_start = Instant::now();
+        let retrievals: Vec<_> = sessions
+            .into_iter()
+            .map(|(mut conn, user)| {
+                let state = state.clone();
+                glommio::spawn_local(async move {
+                    if let Err(error) = retrieve(&state, &mut conn, &user).await {
+                        session_error(&state, &user, &error);
+                    }
+                })
+            })
+            .collect();
+        for retrieval in retrievals {
+            retrieval.await;
+        }
+        state.stats.borrow_mut().retrieval_wall += retrieval_start.elapsed();
+    }
+}
+
+fn session_error(state: &ThreadState, user: &str, error: &SessionError) {
+    state.stats.borrow_mut().protocol_errors += 1;
+    Live::add(&state.live.errors, 1);
+    state.print_error(&format_args!("{user}: {error}"));
+}
+
+/// Connects for `user`, counting a failure.
+async fn open(state: &ThreadState, user: &str) -> Option<Conn> {
+    let plan = &state.plan;
+    let connect_start = Instant::now();
+    let frame_limit = plan.max_message_bytes + MAX_STATUS_LINE_BYTES;
+    match Conn::connect(plan.target, frame_limit).await {
+        Ok(conn) => {
+            state
+                .stats
+                .borrow_mut()
+                .record("connect", connect_start.elapsed());
+            Some(conn)
+        }
+        Err(error) => {
+            state.stats.borrow_mut().connect_errors += 1;
             Live::add(&state.live.errors, 1);
-            state.print_error(&format_args!("{user}: {error}"));
+            state.print_error(&format_args!(
+                "connect to {} for {user}: {error}",
+                plan.target
+            ));
+            None
         }
     }
 }
@@ -289,7 +371,9 @@ fn require_ok(
 }
 
 /// One mailbox: greeting, USER/PASS, STAT, LIST, RETR (and DELE) each message, QUIT.
-async fn mailbox(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(), SessionError> {
+/// Greeting, STLS under `--tls`, USER/PASS. False when the login was refused (counted, and
+/// the session ended with QUIT).
+async fn log_in(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<bool, SessionError> {
     let plan = &state.plan;
     let greeting = status(state, conn).await?;
     require_ok(conn, "greeting", greeting)?;
@@ -321,12 +405,18 @@ async fn mailbox(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(),
         Live::add(&state.live.errors, 1);
         state.print_error(&format_args!("{user}: login refused"));
         let _ = command(state, conn, b"QUIT\r\n").await;
-        return Ok(());
+        return Ok(false);
     }
     state
         .stats
         .borrow_mut()
         .record("login", login_start.elapsed());
+    Ok(true)
+}
+
+/// STAT, LIST, RETR (and DELE) every message, QUIT.
+async fn retrieve(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(), SessionError> {
+    let plan = &state.plan;
     let reply = command(state, conn, b"STAT\r\n").await?;
     require_ok(conn, "STAT", reply)?;
     let reply = multiline(state, conn, b"LIST\r\n").await?;
