@@ -125,21 +125,7 @@ pub async fn store_transaction(
     let mut acks = Vec::new();
     for (index, recipient) in envelope.recipients.iter().enumerate() {
         if let Destination::Mailbox(mailbox) = &recipient.destination {
-            let (done, ack) = reply_channel();
-            index_on_owner(
-                shard,
-                mailbox,
-                MessageKey {
-                    shard: shard.id as u16,
-                    record: id.0,
-                    recipient: index as u16,
-                },
-                received_at_us,
-                retr_size_octets(&envelope.mail_from, stored_len),
-                Some(done),
-            )
-            .await;
-            acks.push(ack);
+            acks.push(index_on_owner(shard, mailbox, id, index, &envelope, stored_len).await);
         }
     }
     for ack in acks {
@@ -157,28 +143,36 @@ pub async fn store_transaction(
     Ok(queue_id)
 }
 
-/// Tells a mailbox's owner shard (maybe this one) that a message waits in it.
+/// Tells the owner shard of `mailbox` (maybe this one) that recipient `recipient` of message
+/// `record`, stored in this shard's log, waits in that mailbox. The returned channel answers
+/// once the owner's index shows it.
 pub async fn index_on_owner(
     shard: &Rc<Shard>,
     mailbox: &str,
-    key: MessageKey,
-    received_at_us: u64,
-    size_octets: u64,
-    done: Option<super::mesh::Reply<()>>,
-) {
+    record: RecordId,
+    recipient: usize,
+    envelope: &Envelope,
+    stored_message_len: usize,
+) -> flume::Receiver<()> {
+    let (done, ack) = reply_channel();
     let owner = owner_shard(mailbox, shard.shared.shard_count);
     let message = MeshMessage::MailboxAdd {
         mailbox: mailbox.to_string(),
-        key,
-        received_at_us,
-        size_octets,
-        done,
+        key: MessageKey {
+            shard: shard.id as u16,
+            record: record.0,
+            recipient: recipient as u16,
+        },
+        received_at_us: envelope.received_at_us,
+        size_octets: retr_size_octets(&envelope.mail_from, stored_message_len),
+        done: Some(done),
     };
     if owner == shard.id {
         super::inbox::handle(shard, message);
     } else {
         shard.mesh.send(owner, message).await;
     }
+    ack
 }
 
 /// Durably records that `recipients` of message `record` (stored in this shard's log) are
@@ -301,20 +295,7 @@ pub async fn store_generated(
     shard.ledger.borrow_mut().add_message(id, 1);
     match &envelope.recipients[0].destination {
         Destination::Mailbox(mailbox) => {
-            let (done, ack) = reply_channel();
-            index_on_owner(
-                shard,
-                mailbox,
-                MessageKey {
-                    shard: shard.id as u16,
-                    record: id.0,
-                    recipient: 0,
-                },
-                received_at_us,
-                retr_size_octets(&envelope.mail_from, stored_len),
-                Some(done),
-            )
-            .await;
+            let ack = index_on_owner(shard, mailbox, id, 0, &envelope, stored_len).await;
             let _ = ack.recv_async().await;
         }
         Destination::Relay => super::relay::queue_new_message(shard, id, &envelope),

@@ -3,12 +3,10 @@
 
 use std::rc::Rc;
 
-use super::ingest::{index_on_owner, mark_dead_later, retr_size_octets};
+use super::ingest::{index_on_owner, mark_dead_later};
 use super::ledger::Applied;
-use super::mesh::reply_channel;
 use super::Shard;
 use crate::envelope::{self, DeferralRecord, Destination, OutcomeRecord};
-use crate::pop3::MessageKey;
 use crate::store::{RecordId, Recovered};
 
 /// Replays the live records. Message records are applied before outcome records: compaction
@@ -82,21 +80,17 @@ pub async fn rebuild(shard: &Rc<Shard>, recovered: Recovered) {
             if !shard.ledger.borrow().is_pending(*id, index as u16) {
                 continue;
             }
-            let (done, ack) = reply_channel();
-            index_on_owner(
-                shard,
-                mailbox,
-                MessageKey {
-                    shard: shard.id as u16,
-                    record: id.0,
-                    recipient: index as u16,
-                },
-                layout.envelope.received_at_us,
-                retr_size_octets(&layout.envelope.mail_from, layout.stored_message().len()),
-                Some(done),
-            )
-            .await;
-            acks.push(ack);
+            acks.push(
+                index_on_owner(
+                    shard,
+                    mailbox,
+                    *id,
+                    index,
+                    &layout.envelope,
+                    layout.stored_message().len(),
+                )
+                .await,
+            );
             indexed += 1;
         }
     }
