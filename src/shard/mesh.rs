@@ -87,10 +87,4 @@ impl Mesh {
         // A closed inbox means that shard is gone and the process is stopping.
         let _ = self.inboxes[to].send_async(message).await;
     }
-
-    /// Sends without waiting; for destructors, where awaiting is impossible. Returns false if the
-    /// inbox is full or gone.
-    pub fn try_send(&self, to: usize, message: MeshMessage) -> bool {
-        self.inboxes[to].try_send(message).is_ok()
-    }
 }

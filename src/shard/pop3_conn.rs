@@ -44,11 +44,11 @@ impl Drop for HeldMaildrop {
         };
         if owner == self.shard.id {
             super::inbox::handle(&self.shard, message);
-        } else if !self.shard.mesh.try_send(owner, message) {
-            tracing::error!(
-                shard = self.shard.id,
-                "could not release a maildrop lock: owner inbox full"
-            );
+        } else {
+            // A destructor cannot wait for room in a full inbox, but a task can: the lock
+            // must be released however the session ended.
+            let mesh = self.shard.mesh.clone();
+            glommio::spawn_local(async move { mesh.send(owner, message).await }).detach();
         }
     }
 }
