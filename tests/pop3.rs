@@ -292,3 +292,20 @@ fn compaction_keeps_every_live_message_with_its_uidl() {
     }
     assert!(c.command("QUIT").starts_with("+OK"));
 }
+
+#[test]
+fn a_silent_pop3_client_is_logged_out_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = mail_config(dir.path(), 1, "", "").replace(
+        "[pop3]\nlisten = [\"127.0.0.1:0\"]",
+        "[pop3]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout_secs = 0.3",
+    );
+    let server = Server::start(dir.path(), &config);
+    let mut c = login(server.addr("pop3"), "alice@example.test");
+    let reply = c.line();
+    assert!(reply.starts_with("-ERR"), "{reply}");
+    assert!(c.closed());
+    // The lock went with the session.
+    let mut again = login(server.addr("pop3"), "alice@example.test");
+    assert!(again.command("QUIT").starts_with("+OK"));
+}

@@ -343,3 +343,34 @@ fn kill_9_loses_no_acknowledged_message() {
         acknowledged.len()
     );
 }
+
+#[test]
+fn a_silent_client_is_told_421_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &mail_config(dir.path(), 1, "", "idle_timeout_secs = 0.3"),
+    );
+    let mut c = LineClient::connect(server.addr("smtp"));
+    assert!(c.reply().starts_with("220"));
+    assert!(c.command("EHLO me.test").starts_with("250"));
+    let started = std::time::Instant::now();
+    let reply = c.reply();
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(c.closed());
+}
+
+#[test]
+fn connections_per_address_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &mail_config(dir.path(), 2, "", "max_connections_per_ip = 1"),
+    );
+    let mut first = LineClient::connect(server.addr("smtp"));
+    assert!(first.reply().starts_with("220"));
+    let mut second = LineClient::connect(server.addr("smtp"));
+    assert!(second.reply().starts_with("421 4.7.0"));
+    assert!(first.command("NOOP").starts_with("250"));
+}
