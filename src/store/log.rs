@@ -479,22 +479,7 @@ impl<D: SegmentDir> Store<D> {
         let mut st = self.state.borrow_mut();
         st.segments.insert(
             seq,
-            Segment {
-                name,
-                file: Rc::new(file),
-                size_bytes,
-                write_offset: SEGMENT_HEADER_BYTES,
-                map,
-                writes_in_flight: 0,
-                awaiting_sync: 0,
-                dirty: false,
-                failed_round: None,
-                unlinked: false,
-                live_records: 0,
-                live_bytes: 0,
-                data_ids: Vec::new(),
-                tombstoned: Vec::new(),
-            },
+            Segment::new(name, Rc::new(file), size_bytes, SEGMENT_HEADER_BYTES, map),
         );
         st.active = Some(seq);
         st.stats.segments_created += 1;

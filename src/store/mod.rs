@@ -348,6 +348,32 @@ struct Segment<F> {
 }
 
 impl<F: SegmentFile> Segment<F> {
+    /// A segment as it is opened or created: nothing in flight, nothing counted yet.
+    fn new(
+        name: SegmentName,
+        file: Rc<F>,
+        size_bytes: u64,
+        write_offset: u64,
+        map: Option<Arc<dyn SegmentMap>>,
+    ) -> Self {
+        Segment {
+            name,
+            file,
+            size_bytes,
+            write_offset,
+            map,
+            writes_in_flight: 0,
+            awaiting_sync: 0,
+            dirty: false,
+            failed_round: None,
+            unlinked: false,
+            live_records: 0,
+            live_bytes: 0,
+            data_ids: Vec::new(),
+            tombstoned: Vec::new(),
+        }
+    }
+
     fn map(&self) -> Result<Arc<dyn SegmentMap>, StoreError> {
         match &self.map {
             Some(map) => Ok(map.clone()),

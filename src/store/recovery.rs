@@ -231,22 +231,13 @@ impl<D: SegmentDir> Store<D> {
         };
         self.state.borrow_mut().segments.insert(
             name.seq,
-            Segment {
+            Segment::new(
                 name,
-                file: Rc::new(file),
-                size_bytes: len,
-                write_offset: scan.valid_end.max(SEGMENT_HEADER_BYTES).min(len),
+                Rc::new(file),
+                len,
+                scan.valid_end.max(SEGMENT_HEADER_BYTES).min(len),
                 map,
-                writes_in_flight: 0,
-                awaiting_sync: 0,
-                dirty: false,
-                failed_round: None,
-                unlinked: false,
-                live_records: 0,
-                live_bytes: 0,
-                data_ids: Vec::new(),
-                tombstoned: Vec::new(),
-            },
+            ),
         );
         Ok(Some(scan))
     }
