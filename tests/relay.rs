@@ -240,6 +240,14 @@ fn serve_lines<S: std::io::Read + Write>(
     }
 }
 
+/// The zone most tests use: far.test has one MX, mx1.far.test, on 127.0.0.2.
+fn far_test_zone() -> fake_dns::Zone {
+    let mut zone = fake_dns::Zone::default();
+    zone.mx("far.test", &[(10, "mx1.far.test")]);
+    zone.a("mx1.far.test", "127.0.0.2");
+    zone
+}
+
 /// A port free on 127.0.0.2 (and, in practice, on the other 127.0.0.x addresses).
 fn free_relay_port() -> u16 {
     TcpListener::bind("127.0.0.2:0")
@@ -312,10 +320,7 @@ fn mail(subject: &str) -> Vec<u8> {
 #[test]
 fn a_relayed_message_reaches_the_mx_byte_exact() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let mx = start_mx("127.0.0.2", port, Script::default());
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
@@ -386,10 +391,7 @@ fn the_second_mx_takes_over_when_the_first_is_down_or_answers_421() {
 #[test]
 fn a_4xx_is_retried_and_then_delivered() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let mx = start_mx(
         "127.0.0.2",
         port,
@@ -426,10 +428,7 @@ fn a_4xx_is_retried_and_then_delivered() {
 #[test]
 fn a_5xx_bounces_with_a_dsn_in_the_local_senders_mailbox() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let mx = start_mx(
         "127.0.0.2",
         port,
@@ -578,10 +577,7 @@ fn a_truncated_udp_answer_is_asked_again_over_tcp() {
 #[test]
 fn a_hundred_messages_to_one_domain_share_few_connections() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let mx = start_mx("127.0.0.2", port, Script::default());
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
@@ -622,10 +618,7 @@ fn a_hundred_messages_to_one_domain_share_few_connections() {
 #[test]
 fn kill_9_during_a_relay_run_loses_nothing() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let mx = start_mx(
         "127.0.0.2",
         port,
@@ -726,10 +719,7 @@ fn eight_bit_and_utf8_mail_bounces_at_a_hop_that_lacks_the_extension() {
 #[test]
 fn a_remote_senders_bounce_is_relayed_from_the_null_sender() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let mx = start_mx(
         "127.0.0.2",
         port,
@@ -861,10 +851,7 @@ fn mx_tls_identity() -> Arc<rustls::ServerConfig> {
 #[test]
 fn mail_goes_encrypted_to_an_mx_that_offers_starttls() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let script = Script {
         starttls: Some(mx_tls_identity()),
         ..Script::default()
@@ -895,10 +882,7 @@ fn mail_goes_encrypted_to_an_mx_that_offers_starttls() {
 #[test]
 fn a_failed_starttls_handshake_falls_back_to_plain_text() {
     let port = free_relay_port();
-    let mut zone = fake_dns::Zone::default();
-    zone.mx("far.test", &[(10, "mx1.far.test")]);
-    zone.a("mx1.far.test", "127.0.0.2");
-    let dns = start_dns(zone);
+    let dns = start_dns(far_test_zone());
     let script = Script {
         broken_starttls: true,
         ..Script::default()
