@@ -8,7 +8,6 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::future;
 use glommio::net::{TcpListener, TcpStream};
 use prometheus_client::registry::Registry;
 
@@ -27,21 +26,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves `/metrics` on `listener` until the shard stops.
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener, registry: Rc<Registry>) {
     let in_flight = Rc::new(Cell::new(0usize));
-    loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
-            shard.stopped().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok(stream)) => stream,
-            Some(Err(e)) => {
-                tracing::warn!(shard = shard.id, "metrics accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = shard.accept(&listener, "metrics").await {
         if in_flight.get() >= MAX_CONCURRENT_SCRAPES {
             drop(stream);
             continue;

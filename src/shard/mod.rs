@@ -135,6 +135,26 @@ pub const DATA_BYTES_CAP_FLOOR: u64 = 256 << 20;
 const FREE_SPACE_SAMPLE: Duration = Duration::from_millis(100);
 
 impl Shard {
+    /// The next connection on `listener`, or `None` once the shard is asked to stop. Accept
+    /// errors (EMFILE and friends) are logged and retried after a short pause instead of
+    /// spinning on them.
+    pub async fn accept(&self, listener: &TcpListener, what: &str) -> Option<TcpStream> {
+        loop {
+            let accepted = future::or(async { Some(listener.accept().await) }, async {
+                self.stopped().await;
+                None
+            })
+            .await?;
+            match accepted {
+                Ok(stream) => return Some(stream),
+                Err(e) => {
+                    tracing::warn!(shard = self.id, "{what} accept failed: {e}");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     /// Resolves when the shard is asked to stop.
     pub async fn stopped(&self) {
         let _ = self.stopping.acquire(1).await;
@@ -346,22 +366,7 @@ async fn accept_loop(
     listener: TcpListener,
     connections: Rc<Gate>,
 ) {
-    loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
-            shard.stopped().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok(stream)) => stream,
-            Some(Err(e)) => {
-                // EMFILE and friends: say so and breathe instead of spinning on the error.
-                tracing::warn!(shard = shard.id, listener = %spec.addr, "accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = shard.accept(&listener, spec.kind.label()).await {
         let shard = Rc::clone(&shard);
         if connections
             .spawn(async move { serve_connection(shard, spec.kind, stream).await })
