@@ -94,6 +94,8 @@ pub enum ShardError {
 const LISTEN_BACKLOG: i32 = 4096;
 /// How often a shard looks whether records died since its last space reclaim.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a shard waits before trying again to prepare a spare segment that failed.
+const SPARE_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Per-shard state every connection task can reach.
 pub struct Shard {
@@ -307,6 +309,8 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         )));
     }
     let reclaimer = glommio::spawn_local(reclaim_loop(Rc::clone(&shard)));
+    // Dropped at shutdown: a half-made spare is removed at the next start.
+    let spare_keeper = glommio::spawn_local(keep_spare_segment(Rc::clone(&shard)));
     if let Some(listener) = metrics_listener {
         let registry =
             crate::metrics::MetricsCollector::new(Arc::clone(&shared.metrics)).registry();
@@ -334,6 +338,7 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         );
     }
     reclaimer.await;
+    drop(spare_keeper);
     shard.relay.stop(grace).await;
     relay_scheduler.await;
     // Other shards may still send requests while they drain; the inbox task ends with the
@@ -390,6 +395,22 @@ async fn serve_connection(shard: Rc<Shard>, kind: ListenerKind, stream: TcpStrea
         }
         ListenerKind::Pop3 | ListenerKind::Pop3Tls => {
             pop3_conn::serve(shard, stream, peer, kind).await
+        }
+    }
+}
+
+/// Keeps a zero-filled spare segment ready, so that a roll never waits for one to be made and
+/// group commits never pay for the file system allocating log space (see `store::spare`).
+async fn keep_spare_segment(shard: Rc<Shard>) {
+    loop {
+        shard.store.spare_wanted().await;
+        if let Err(e) = shard.store.prepare_spare().await {
+            tracing::warn!(
+                shard = shard.id,
+                "could not prepare the next log segment ahead of time (rolls create it when \
+                 needed): {e}"
+            );
+            glommio::timer::sleep(SPARE_RETRY_INTERVAL).await;
         }
     }
 }

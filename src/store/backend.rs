@@ -51,6 +51,8 @@ pub trait SegmentDir {
     async fn create(&self, name: &str, size_bytes: u64) -> io::Result<Self::File>;
     /// Opens an existing file for reading and writing.
     async fn open(&self, name: &str) -> io::Result<Self::File>;
+    /// Renames a file, replacing nothing (durable only after [`sync`](Self::sync)).
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Unlinks a file (durable only after [`sync`](Self::sync)).
     async fn remove(&self, name: &str) -> io::Result<()>;
     /// fsyncs the directory, making creations and removals durable.
@@ -119,6 +121,10 @@ impl SegmentDir for DiskDir {
             .buffered_open(self.path.join(name))
             .await?;
         Ok(DiskFile { file })
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        Ok(glommio::io::rename(self.path.join(from), self.path.join(to)).await?)
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {

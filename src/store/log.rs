@@ -96,7 +96,11 @@ const COALESCE_PIECE_BYTES: u64 = 1024;
 /// Writes all of `buf` at `pos`. `write_at` takes the buffer by value (io_uring owns it while
 /// the kernel works), so the rest of a short write is gone: a short write (only possible on a
 /// full or failing device, since segments are preallocated) counts as a failed write.
-async fn write_all<F: SegmentFile>(file: &F, buf: Vec<u8>, pos: u64) -> std::io::Result<()> {
+pub(super) async fn write_all<F: SegmentFile>(
+    file: &F,
+    buf: Vec<u8>,
+    pos: u64,
+) -> std::io::Result<()> {
     let len = buf.len();
     let written = file.write_at(buf, pos).await?;
     if written < len {
@@ -450,11 +454,24 @@ impl<D: SegmentDir> Store<D> {
             .opts
             .segment_size_bytes
             .max(SEGMENT_HEADER_BYTES + needed);
-        let file = self
-            .dir
-            .create(&file_name, size_bytes)
-            .await
-            .map_err(io_error("create segment"))?;
+        let spare = self.take_spare(size_bytes);
+        let from_spare = spare.is_some();
+        let file = match spare {
+            // The spare's zeros are already written and durable; only its name changes.
+            Some(spare) => match self.dir.rename(&spare.name, &file_name).await {
+                Ok(()) => spare.file,
+                Err(error) => {
+                    let _ = self.dir.remove(&spare.name).await;
+                    return Err(io_error("rename spare segment")(error));
+                }
+            },
+            None => Rc::new(
+                self.dir
+                    .create(&file_name, size_bytes)
+                    .await
+                    .map_err(io_error("create segment"))?,
+            ),
+        };
         let header = SegmentHeader {
             version: FORMAT_VERSION,
             seq,
@@ -462,7 +479,7 @@ impl<D: SegmentDir> Store<D> {
             size_bytes,
         };
         let made_durable = async {
-            write_all(&file, header.encode_record(name.salt), 0).await?;
+            write_all(&*file, header.encode_record(name.salt), 0).await?;
             file.fdatasync().await?;
             self.dir.sync().await
         };
@@ -479,10 +496,11 @@ impl<D: SegmentDir> Store<D> {
         let mut st = self.state.borrow_mut();
         st.segments.insert(
             seq,
-            Segment::new(name, Rc::new(file), size_bytes, SEGMENT_HEADER_BYTES, map),
+            Segment::new(name, file, size_bytes, SEGMENT_HEADER_BYTES, map),
         );
         st.active = Some(seq);
         st.stats.segments_created += 1;
+        st.stats.segments_from_spare += u64::from(from_spare);
         tracing::debug!(segment = seq, size_bytes, "new active segment");
         Ok(())
     }

@@ -318,6 +318,22 @@ impl SegmentDir for MemDir {
         })
     }
 
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.begin_op()?;
+        futures_lite::future::yield_now().await;
+        let mut fs = self.fs.borrow_mut();
+        fs.check_power()?;
+        if fs.visible_names.contains_key(to) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let id = fs
+            .visible_names
+            .remove(from)
+            .ok_or(io::ErrorKind::NotFound)?;
+        fs.visible_names.insert(to.to_owned(), id);
+        Ok(())
+    }
+
     async fn remove(&self, name: &str) -> io::Result<()> {
         self.begin_op()?;
         futures_lite::future::yield_now().await;

@@ -34,6 +34,7 @@ mod reclaim;
 pub mod record;
 mod recovery;
 pub mod segment;
+mod spare;
 mod wait;
 
 #[cfg(test)]
@@ -287,6 +288,8 @@ pub struct StoreStats {
     pub commit_nanos_max: u64,
     /// Segments created.
     pub segments_created: u64,
+    /// Of those, segments that were a zero-filled spare made ahead of time.
+    pub segments_from_spare: u64,
     /// Segments deleted (empty or compacted).
     pub segments_deleted: u64,
     /// Payload bytes copied by compaction.
@@ -455,6 +458,8 @@ pub struct Store<D: SegmentDir = DiskDir> {
     changed: wait::Notify,
     /// A reclaim is running (one at a time).
     reclaiming: Cell<bool>,
+    /// The next segment, made ahead of time.
+    spare: spare::SpareSlot<D::File>,
 }
 
 impl<D: SegmentDir> Store<D> {

@@ -45,6 +45,11 @@ impl<D: SegmentDir> Store<D> {
         for file_name in dir.list().await.map_err(io_error("list log directory"))? {
             match SegmentName::parse(&file_name) {
                 Some(name) => names.push(name),
+                // Never named durably nor holding records: a fresh one is cheaper to trust.
+                None if super::spare::is_spare_name(&file_name) => dir
+                    .remove(&file_name)
+                    .await
+                    .map_err(io_error("remove leftover spare segment"))?,
                 None => tracing::warn!(file = %file_name, "ignoring a file that is not a segment"),
             }
         }
@@ -55,6 +60,7 @@ impl<D: SegmentDir> Store<D> {
             state: RefCell::new(State::default()),
             changed: wait::Notify::default(),
             reclaiming: Cell::new(false),
+            spare: Default::default(),
         };
         let mut report = RecoveryReport::default();
         // Data records in log order: (segment, offset, header).

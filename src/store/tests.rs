@@ -165,6 +165,49 @@ fn mark_dead_survives_restart_and_is_idempotent() {
     assert_eq!(recovered_ids(&recovered), [ids[0].0, ids[2].0]);
 }
 
+#[test]
+fn a_roll_takes_the_zero_filled_spare() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    block_on(store.prepare_spare()).unwrap();
+    block_on(store.prepare_spare()).unwrap(); // one spare at a time
+    let spares = |store: &Store<MemDir>| {
+        block_on(store.dir().list())
+            .unwrap()
+            .into_iter()
+            .filter(|name| spare::is_spare_name(name))
+            .count()
+    };
+    assert_eq!(spares(&store), 1);
+    // 3 records of 1.5 KiB fill a 4 KiB segment: the third one rolls.
+    let ids = fill(&store, 3, 1500);
+    let stats = store.stats();
+    assert_eq!((stats.segments_created, stats.segments_from_spare), (2, 1));
+    assert_eq!(spares(&store), 0);
+    // Taken, so wanted again: this resolves at once.
+    block_on(store.spare_wanted());
+    let image = store.dir().cut_power_now();
+    let (_, recovered) = open(&image, Faults::default());
+    assert_eq!(
+        recovered_ids(&recovered),
+        ids.iter().map(|id| id.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn leftover_spares_are_removed_at_open() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    block_on(store.prepare_spare()).unwrap();
+    block_on(store.dir().sync()).unwrap(); // the spare's name survives the cut
+    let image = store.dir().cut_power_now();
+    assert!(image.files.keys().any(|name| spare::is_spare_name(name)));
+    let (reopened, _) = open(&image, Faults::default());
+    let names = block_on(reopened.dir().list()).unwrap();
+    assert!(
+        !names.iter().any(|name| spare::is_spare_name(name)),
+        "{names:?}"
+    );
+}
+
 /// Fills segments with records of `len` bytes; returns their ids.
 fn fill(store: &Store<MemDir>, count: usize, len: usize) -> Vec<RecordId> {
     let ids: Vec<RecordId> = (0..count).map(|_| store.allocate_id()).collect();
@@ -273,8 +316,10 @@ enum Op {
     MarkDead(Vec<usize>),
     /// Runs a reclaim.
     Reclaim,
-    /// Appends and kills concurrently with a reclaim.
+    /// Appends and kills concurrently with a reclaim and the making of a spare segment.
     Mixed { sizes: Vec<usize>, kill: Vec<usize> },
+    /// Makes a spare segment for the next roll to take.
+    PrepareSpare,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -286,6 +331,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => picks.clone().prop_map(Op::MarkDead),
         2 => Just(Op::Reclaim),
         2 => (sizes, picks).prop_map(|(sizes, kill)| Op::Mixed { sizes, kill }),
+        1 => Just(Op::PrepareSpare),
     ]
 }
 
@@ -372,7 +418,13 @@ fn run_ops(store: &Store<MemDir>, model: &std::cell::RefCell<Model>, ops: &[Op])
                     all.push(Box::pin(async {
                         let _ = store.reclaim().await;
                     }));
+                    all.push(Box::pin(async {
+                        let _ = store.prepare_spare().await;
+                    }));
                     join_all(all).await;
+                }
+                Op::PrepareSpare => {
+                    let _ = store.prepare_spare().await;
                 }
             }
         }

@@ -1,0 +1,131 @@
+//! The spare segment: the next segment, created and filled with zeros ahead of time.
+//!
+//! A segment preallocated with `fallocate` holds *unwritten* extents, and the first write into
+//! each of them changes file-system metadata, so every group commit's fdatasync then waits for a
+//! journal commit as well as the data. A segment whose zeros were written and synced in advance
+//! has no such metadata left to change: measured on ext4 with 10 KiB records, write +
+//! fdatasync took 99 µs against 163 µs on a fallocated file. Writing the zeros takes a segment's
+//! worth of disk bandwidth, so it happens in the background, in the file system's idle time
+//! between commits, while the active segment fills; a roll then only renames the spare.
+//!
+//! A spare is named `spare-<random>.tmp`, never a segment name, so a crash can never leave one
+//! that recovery mistakes for a segment; recovery removes leftover spares.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use super::backend::{SegmentDir, SegmentFile};
+use super::wait::Notify;
+use super::{io_error, Store, StoreError};
+
+/// Zeros are written in pieces this large.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+/// An fdatasync after every this many zero bytes keeps the writeback of a whole segment from
+/// landing on the disk at once, in front of the live segment's group commits.
+const ZERO_SYNC_EVERY_BYTES: u64 = 8 << 20;
+
+/// A zero-filled, synced file waiting to become the next segment.
+pub(super) struct Spare<F> {
+    pub(super) name: String,
+    pub(super) file: Rc<F>,
+    pub(super) size_bytes: u64,
+}
+
+/// Whether a spare exists or is being made, and who waits for one to be needed.
+pub(super) struct SpareSlot<F> {
+    ready: RefCell<Option<Spare<F>>>,
+    preparing: Cell<bool>,
+    /// Woken when a roll takes the spare.
+    taken: Notify,
+}
+
+impl<F> Default for SpareSlot<F> {
+    fn default() -> Self {
+        SpareSlot {
+            ready: RefCell::new(None),
+            preparing: Cell::new(false),
+            taken: Notify::default(),
+        }
+    }
+}
+
+/// Whether `file_name` is a spare this module made.
+pub(super) fn is_spare_name(file_name: &str) -> bool {
+    file_name.starts_with("spare-") && file_name.ends_with(".tmp")
+}
+
+/// Clears `preparing` however the preparation ends (done, failed or dropped).
+struct Preparing<'a, D: SegmentDir> {
+    store: &'a Store<D>,
+}
+
+impl<D: SegmentDir> Drop for Preparing<'_, D> {
+    fn drop(&mut self) {
+        self.store.spare.preparing.set(false);
+    }
+}
+
+impl<D: SegmentDir> Store<D> {
+    /// Resolves once no spare segment exists and none is being made.
+    pub async fn spare_wanted(&self) {
+        while self.spare.ready.borrow().is_some() || self.spare.preparing.get() {
+            self.spare.taken.wait().await;
+        }
+    }
+
+    /// Creates the spare segment, writes its zeros and syncs them; a no-op while one exists or
+    /// is being made. On failure the partial file is removed.
+    pub async fn prepare_spare(&self) -> Result<(), StoreError> {
+        if self.spare.ready.borrow().is_some() || self.spare.preparing.replace(true) {
+            return Ok(());
+        }
+        let _preparing = Preparing { store: self };
+        let name = format!("spare-{:016x}.tmp", rand::random::<u64>());
+        let size_bytes = self.opts.segment_size_bytes;
+        let file = self
+            .dir
+            .create(&name, size_bytes)
+            .await
+            .map_err(io_error("create spare segment"))?;
+        if let Err(error) = zero_fill(&file, size_bytes).await {
+            let _ = self.dir.remove(&name).await;
+            return Err(io_error("zero spare segment")(error));
+        }
+        *self.spare.ready.borrow_mut() = Some(Spare {
+            name,
+            file: Rc::new(file),
+            size_bytes,
+        });
+        Ok(())
+    }
+
+    /// Takes the spare for a roll that needs a segment of `size_bytes`, if one that size is
+    /// ready.
+    pub(super) fn take_spare(&self, size_bytes: u64) -> Option<Spare<D::File>> {
+        let mut ready = self.spare.ready.borrow_mut();
+        if ready.as_ref()?.size_bytes != size_bytes {
+            return None;
+        }
+        let spare = ready.take();
+        drop(ready);
+        self.spare.taken.notify_all();
+        spare
+    }
+}
+
+/// Writes `size_bytes` of zeros from the start of `file` and makes them durable.
+async fn zero_fill<F: SegmentFile>(file: &F, size_bytes: u64) -> std::io::Result<()> {
+    let mut at = 0;
+    let mut unsynced = 0;
+    while at < size_bytes {
+        let len = (size_bytes - at).min(ZERO_CHUNK_BYTES);
+        super::log::write_all(file, vec![0; len as usize], at).await?;
+        at += len;
+        unsynced += len;
+        if unsynced >= ZERO_SYNC_EVERY_BYTES || at == size_bytes {
+            file.fdatasync().await?;
+            unsynced = 0;
+        }
+    }
+    Ok(())
+}
