@@ -18,6 +18,8 @@
 #                 (loadgen --login-first: in rounds of C users all log in, then all retrieve, and
 #                 the retrieval halves are timed apart from the argon2id logins)
 #                 (the 3N messages the ingest loads left; Postfix's queue is drained first)
+#   pop3p-C       the same with --pipelining: up to 32 RETRs outstanding per session, as both
+#                 servers advertise PIPELINING in CAPA (RFC 2449)
 #   relay         8 connections to u{0..99}@relay.test (N messages), relayed to a `loadgen sink`
 #                 on 127.0.0.2 (ringmail finds it through a `loadgen dns`); the rate is taken up
 #                 to the moment the sink has counted every message (50 ms resolution)
@@ -298,6 +300,10 @@ run_loads() { # SERVER SMTP_ADDR POP3_ADDR
     load "$server" "pop3-$connections" "$LOADGEN" pop3 --target "$pop3" --connections "$connections" \
       --login-first --user "u{0..$((NUSERS - 1))}@bench.test" --password pw
   done
+  for connections in 1 4 16; do
+    load "$server" "pop3p-$connections" "$LOADGEN" pop3 --target "$pop3" --connections "$connections" \
+      --login-first --pipelining --user "u{0..$((NUSERS - 1))}@bench.test" --password pw
+  done
   relay_load "$server" "$smtp" "$WORK/$server-sink.log"
 }
 
@@ -332,11 +338,14 @@ loads = [
     ("pop3-1", "POP3 LIST+RETR all, 1 conn", "retr"),
     ("pop3-4", "POP3 LIST+RETR all, 4 conn", "retr"),
     ("pop3-16", "POP3 LIST+RETR all, 16 conn", "retr"),
+    ("pop3p-1", "POP3 LIST+RETR all, 1 conn, pipelined", "retr"),
+    ("pop3p-4", "POP3 LIST+RETR all, 4 conn, pipelined", "retr"),
+    ("pop3p-16", "POP3 LIST+RETR all, 16 conn, pipelined", "retr"),
     ("relay", "relay to sink, 10 KiB, 8 conn", "transaction"),
 ]
 servers = [("ringmail", "ringmail"), ("postfix", "Postfix/Dovecot")]
 expected = {"ingest-1": messages, "ingest-100": 2 * messages, "relay": messages,
-            **{f"pop3-{c}": 3 * messages for c in (1, 4, 16)}}
+            **{f"pop3{p}-{c}": 3 * messages for c in (1, 4, 16) for p in ("", "p")}}
 
 def read(path):
     try:
@@ -367,7 +376,7 @@ def figures(server, load, phase):
     if not run:
         return {"na": "loadgen wrote no result"}
     p99 = run.get("latency", {}).get(phase, {}).get("p99_us")
-    if load.startswith("pop3-") and run.get("retrieval"):
+    if load.startswith("pop3") and run.get("retrieval"):
         # Retrieval apart from login (both servers verify the same argon2id hash): loadgen
         # --login-first logs each round's sessions in, then times their retrieval alone.
         login = run.get("latency", {}).get("login", {})

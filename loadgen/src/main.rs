@@ -166,6 +166,10 @@ struct Pop3Args {
     /// hashing does not share the CPU with the retrieval measured. Runs on one thread.
     #[arg(long)]
     login_first: bool,
+    /// Keep up to 32 RETR (and DELE) commands outstanding when the server's CAPA lists
+    /// PIPELINING (RFC 2449); without it, each command waits for the previous response.
+    #[arg(long)]
+    pipelining: bool,
     /// Threads (one executor each); default: online CPUs.
     #[arg(long)]
     threads: Option<usize>,
@@ -485,6 +489,7 @@ fn run_pop3(args: Pop3Args) -> Result<ExitCode, RunError> {
         max_message_bytes: args.max_message_size.max(1024),
         tls,
         login_first: args.login_first,
+        pipelining: args.pipelining,
     };
     let live = Arc::new(Live::default());
     let thread_live = live.clone();

@@ -139,7 +139,14 @@ pub struct Pop3Plan {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// `--login-first`: in rounds of `connections` users, log all in, then retrieve all.
     pub login_first: bool,
+    /// `--pipelining`: keep up to [`PIPELINE_WINDOW`] RETR (and DELE) commands outstanding
+    /// when the server's CAPA lists PIPELINING (RFC 2449).
+    pub pipelining: bool,
 }
+
+/// Commands a pipelining session keeps outstanding. Refilled in batches, one write each, when
+/// half of them have been answered.
+pub const PIPELINE_WINDOW: usize = 32;
 
 /// What one thread shares between its connections.
 struct ThreadState {
@@ -417,55 +424,140 @@ async fn log_in(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<bool
 /// STAT, LIST, RETR (and DELE) every message, QUIT.
 async fn retrieve(state: &ThreadState, conn: &mut Conn, user: &str) -> Result<(), SessionError> {
     let plan = &state.plan;
+    let pipelining = plan.pipelining && server_pipelines(state, conn).await?;
     let reply = command(state, conn, b"STAT\r\n").await?;
     require_ok(conn, "STAT", reply)?;
     let reply = multiline(state, conn, b"LIST\r\n").await?;
     let list_range = reply.1.clone();
     require_ok(conn, "LIST", reply)?;
     let entries = parse_list(multiline_payload(&conn.bytes()[list_range]))?;
-    for (number, _size) in entries {
-        let retr_start = Instant::now();
-        let reply = multiline(state, conn, format!("RETR {number}\r\n").as_bytes()).await?;
-        if !reply.0 {
-            // The message may have been deleted by another session meanwhile.
-            state.stats.borrow_mut().messages_refused += 1;
-            Live::add(&state.live.errors, 1);
-            continue;
-        }
-        let payload = multiline_payload(&conn.bytes()[reply.1]);
-        let octets = payload.len() as u64;
-        let verdict = plan.verify.then(|| verify(&dot_unstuff(payload)));
-        {
-            let mut stats = state.stats.borrow_mut();
-            stats.record("retr", retr_start.elapsed());
-            match verdict {
-                Some(Verdict::Mismatch) => stats.verify_mismatches += 1,
-                Some(Verdict::MissingHeader) => stats.verify_missing_header += 1,
-                Some(Verdict::Intact) | None => {}
+    let numbers: Vec<u64> = entries.into_iter().map(|(number, _size)| number).collect();
+    if pipelining {
+        retrieve_pipelined(state, conn, user, &numbers).await?;
+    } else {
+        for number in numbers {
+            let retr_start = Instant::now();
+            let reply = multiline(state, conn, format!("RETR {number}\r\n").as_bytes()).await?;
+            if retrieved(state, conn, user, number, reply, retr_start) && plan.delete {
+                let reply = command(state, conn, format!("DELE {number}\r\n").as_bytes()).await?;
+                require_ok(conn, "DELE", reply)?;
             }
-            if matches!(verdict, Some(Verdict::Mismatch | Verdict::MissingHeader)) {
-                Live::add(&state.live.errors, 1);
-                if stats.verify_mismatches + stats.verify_missing_header <= MAX_PRINTED_ERRORS {
-                    let what = if verdict == Some(Verdict::Mismatch) {
-                        "body does not match its X-Loadgen-Checksum"
-                    } else {
-                        "no X-Loadgen-Checksum header"
-                    };
-                    eprintln!("loadgen pop3: {user} message {number}: {what}");
-                }
-            }
-            stats.messages_ok += 1;
-            stats.bytes_ok += octets;
-        }
-        Live::add(&state.live.messages, 1);
-        Live::add(&state.live.bytes, octets);
-        if plan.delete {
-            let reply = command(state, conn, format!("DELE {number}\r\n").as_bytes()).await?;
-            require_ok(conn, "DELE", reply)?;
         }
     }
     let reply = command(state, conn, b"QUIT\r\n").await?;
     require_ok(conn, "QUIT", reply)
+}
+
+/// Whether the server's CAPA response lists PIPELINING.
+async fn server_pipelines(state: &ThreadState, conn: &mut Conn) -> Result<bool, SessionError> {
+    let (ok, range) = multiline(state, conn, b"CAPA\r\n").await?;
+    Ok(ok
+        && multiline_payload(&conn.bytes()[range])
+            .split(|&b| b == b'\n')
+            .any(|line| line.trim_ascii().eq_ignore_ascii_case(b"PIPELINING")))
+}
+
+/// A pipelined command waiting for its response.
+enum Outstanding {
+    Retr { number: u64, sent: Instant },
+    Dele,
+}
+
+/// RETR (and DELE) every message in `numbers` with up to [`PIPELINE_WINDOW`] commands in flight.
+async fn retrieve_pipelined(
+    state: &ThreadState,
+    conn: &mut Conn,
+    user: &str,
+    numbers: &[u64],
+) -> Result<(), SessionError> {
+    let delete = state.plan.delete;
+    let per_message = if delete { 2 } else { 1 };
+    let mut pending = numbers.iter().copied().peekable();
+    let mut outstanding = std::collections::VecDeque::with_capacity(PIPELINE_WINDOW);
+    let mut batch = Vec::new();
+    loop {
+        if outstanding.len() <= PIPELINE_WINDOW / 2 {
+            batch.clear();
+            let sent = Instant::now();
+            while outstanding.len() + per_message <= PIPELINE_WINDOW {
+                let Some(number) = pending.next() else { break };
+                batch.extend_from_slice(format!("RETR {number}\r\n").as_bytes());
+                outstanding.push_back(Outstanding::Retr { number, sent });
+                if delete {
+                    batch.extend_from_slice(format!("DELE {number}\r\n").as_bytes());
+                    outstanding.push_back(Outstanding::Dele);
+                }
+            }
+            if !batch.is_empty() {
+                conn.send(&batch).await?;
+            }
+        }
+        match outstanding.pop_front() {
+            None => return Ok(()),
+            Some(Outstanding::Retr { number, sent }) => {
+                let mut ok = false;
+                let mut searched = 0;
+                let range = conn
+                    .read_frame(|input| {
+                        Ok(parse_multiline(input, &mut searched)?.map(|(is_ok, len)| {
+                            ok = is_ok;
+                            len
+                        }))
+                    })
+                    .await?;
+                state.stats.borrow_mut().count_reply(u16::from(ok));
+                retrieved(state, conn, user, number, (ok, range), sent);
+            }
+            Some(Outstanding::Dele) => {
+                // A DELE of a message whose RETR failed fails too; only the RETR is counted.
+                let _ = status(state, conn).await?;
+            }
+        }
+    }
+}
+
+/// Counts one RETR response (and checks it under `--verify`); true when it was +OK.
+fn retrieved(
+    state: &ThreadState,
+    conn: &Conn,
+    user: &str,
+    number: u64,
+    reply: (bool, Range<usize>),
+    retr_start: Instant,
+) -> bool {
+    if !reply.0 {
+        // The message may have been deleted by another session meanwhile.
+        state.stats.borrow_mut().messages_refused += 1;
+        Live::add(&state.live.errors, 1);
+        return false;
+    }
+    let payload = multiline_payload(&conn.bytes()[reply.1]);
+    let octets = payload.len() as u64;
+    let verdict = state.plan.verify.then(|| verify(&dot_unstuff(payload)));
+    let mut stats = state.stats.borrow_mut();
+    stats.record("retr", retr_start.elapsed());
+    match verdict {
+        Some(Verdict::Mismatch) => stats.verify_mismatches += 1,
+        Some(Verdict::MissingHeader) => stats.verify_missing_header += 1,
+        Some(Verdict::Intact) | None => {}
+    }
+    if matches!(verdict, Some(Verdict::Mismatch | Verdict::MissingHeader)) {
+        Live::add(&state.live.errors, 1);
+        if stats.verify_mismatches + stats.verify_missing_header <= MAX_PRINTED_ERRORS {
+            let what = if verdict == Some(Verdict::Mismatch) {
+                "body does not match its X-Loadgen-Checksum"
+            } else {
+                "no X-Loadgen-Checksum header"
+            };
+            eprintln!("loadgen pop3: {user} message {number}: {what}");
+        }
+    }
+    stats.messages_ok += 1;
+    stats.bytes_ok += octets;
+    drop(stats);
+    Live::add(&state.live.messages, 1);
+    Live::add(&state.live.bytes, octets);
+    true
 }
 
 #[cfg(test)]

@@ -487,3 +487,105 @@ fn sink_restarts_on_its_port_right_after_a_run() {
         drop(sink);
     }
 }
+
+/// A one-user POP3 server on a thread: 5 messages, PIPELINING in CAPA or not. Returns its
+/// address and a handle yielding the most commands it found in one read.
+fn fake_pop3(advertise_pipelining: bool) -> (String, std::thread::JoinHandle<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(b"+OK fake\r\n").unwrap();
+        let message = b"Subject: m\r\n\r\nbody\r\n";
+        let mut most_per_read = 0;
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            if n == 0 {
+                return most_per_read;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            let mut commands = 0;
+            let mut reply = Vec::new();
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8(line).unwrap();
+                let mut words = line.split_whitespace();
+                commands += 1;
+                match words.next().unwrap_or("") {
+                    "CAPA" if advertise_pipelining => {
+                        reply.extend_from_slice(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n")
+                    }
+                    "CAPA" => reply.extend_from_slice(b"+OK\r\nUSER\r\n.\r\n"),
+                    "STAT" => reply.extend_from_slice(b"+OK 5 100\r\n"),
+                    "LIST" => {
+                        reply.extend_from_slice(b"+OK\r\n");
+                        for i in 1..=5 {
+                            reply
+                                .extend_from_slice(format!("{i} {}\r\n", message.len()).as_bytes());
+                        }
+                        reply.extend_from_slice(b".\r\n");
+                    }
+                    "RETR" => {
+                        reply.extend_from_slice(b"+OK\r\n");
+                        reply.extend_from_slice(message);
+                        reply.extend_from_slice(b".\r\n");
+                    }
+                    "QUIT" => {
+                        stream.write_all(b"+OK bye\r\n").unwrap();
+                        return most_per_read.max(commands);
+                    }
+                    _ => reply.extend_from_slice(b"+OK\r\n"),
+                }
+            }
+            most_per_read = most_per_read.max(commands);
+            stream.write_all(&reply).unwrap();
+        }
+    });
+    (addr, server)
+}
+
+#[test]
+fn pop3_pipelines_only_where_capa_says_so() {
+    for advertised in [true, false] {
+        let (addr, server) = fake_pop3(advertised);
+        let out = run(&[
+            "pop3",
+            "--target",
+            &addr,
+            "--user",
+            "u@x.test",
+            "--password",
+            "pw",
+            "--connections",
+            "1",
+            "--threads",
+            "1",
+            "--pipelining",
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("retr         n=5 "),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let most_per_read = server.join().unwrap();
+        if advertised {
+            assert!(
+                most_per_read >= 5,
+                "RETRs were not pipelined: {most_per_read}"
+            );
+        } else {
+            assert_eq!(most_per_read, 1, "pipelined although CAPA did not say so");
+        }
+    }
+}
