@@ -404,7 +404,11 @@ async fn serve_connection(shard: Rc<Shard>, kind: ListenerKind, stream: TcpStrea
 async fn keep_spare_segment(shard: Rc<Shard>) {
     loop {
         shard.store.spare_wanted().await;
-        if let Err(e) = shard.store.prepare_spare().await {
+        let prepared = async {
+            shard.store.prepare_spare().await?;
+            shard.store.switch_to_spare_early().await
+        };
+        if let Err(e) = prepared.await {
             tracing::warn!(
                 shard = shard.id,
                 "could not prepare the next log segment ahead of time (rolls create it when \

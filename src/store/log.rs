@@ -78,8 +78,8 @@ impl<D: SegmentDir> Drop for RoundInFlight<'_, D> {
 }
 
 /// Clears the "rolling" flag if the task creating a segment is dropped.
-struct Rolling<'a, D: SegmentDir> {
-    store: &'a Store<D>,
+pub(super) struct Rolling<'a, D: SegmentDir> {
+    pub(super) store: &'a Store<D>,
 }
 
 impl<D: SegmentDir> Drop for Rolling<'_, D> {
@@ -498,6 +498,10 @@ impl<D: SegmentDir> Store<D> {
             seq,
             Segment::new(name, file, size_bytes, SEGMENT_HEADER_BYTES, map),
         );
+        st.segments
+            .get_mut(&seq)
+            .expect("just inserted")
+            .unwritten_extents = !from_spare;
         st.active = Some(seq);
         st.stats.segments_created += 1;
         st.stats.segments_from_spare += u64::from(from_spare);

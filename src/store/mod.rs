@@ -340,6 +340,9 @@ struct Segment<F> {
     /// The file was unlinked but the directory sync making that durable failed: the next
     /// reclaim retries the sync before forgetting the segment.
     unlinked: bool,
+    /// Created by this process with `fallocate` only (no spare was ready), so its unwritten
+    /// extents make every commit pay a journal commit; see [`Store::switch_to_spare_early`].
+    unwritten_extents: bool,
     /// Live data records located here.
     live_records: u64,
     /// Their encoded bytes.
@@ -370,6 +373,7 @@ impl<F: SegmentFile> Segment<F> {
             dirty: false,
             failed_round: None,
             unlinked: false,
+            unwritten_extents: false,
             live_records: 0,
             live_bytes: 0,
             data_ids: Vec::new(),

@@ -99,6 +99,27 @@ impl<D: SegmentDir> Store<D> {
         Ok(())
     }
 
+    /// Rolls to the ready spare now if the active segment has unwritten extents (it was made
+    /// before any spare existed, as the first segment of a fresh log is) and is less than half
+    /// full: commits then stop paying for extent conversion at once rather than a segment
+    /// later. The unused rest of that segment is freed with it when its records die. Returns
+    /// whether it rolled.
+    pub async fn switch_to_spare_early(&self) -> Result<bool, StoreError> {
+        {
+            let mut st = self.state.borrow_mut();
+            let young_unwritten = st.active.and_then(|seq| st.segments.get(&seq)).is_some_and(
+                |seg| seg.unwritten_extents && seg.write_offset < seg.size_bytes / 2,
+            );
+            if st.rolling || !young_unwritten || self.spare.ready.borrow().is_none() {
+                return Ok(false);
+            }
+            st.rolling = true;
+        }
+        let _rolling = super::log::Rolling { store: self };
+        self.roll(0).await?;
+        Ok(true)
+    }
+
     /// Takes the spare for a roll that needs a segment of `size_bytes`, if one that size is
     /// ready.
     pub(super) fn take_spare(&self, size_bytes: u64) -> Option<Spare<D::File>> {

@@ -194,6 +194,24 @@ fn a_roll_takes_the_zero_filled_spare() {
 }
 
 #[test]
+fn a_young_fallocated_segment_gives_way_to_the_spare_at_once() {
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let first = fill(&store, 1, 100);
+    // No spare yet: nothing to switch to.
+    assert!(!block_on(store.switch_to_spare_early()).unwrap());
+    block_on(store.prepare_spare()).unwrap();
+    assert!(block_on(store.switch_to_spare_early()).unwrap());
+    assert_eq!(store.stats().segments_from_spare, 1);
+    // The active segment is the zero-filled spare now.
+    block_on(store.prepare_spare()).unwrap();
+    assert!(!block_on(store.switch_to_spare_early()).unwrap());
+    let second = fill(&store, 1, 100);
+    let image = store.dir().cut_power_now();
+    let (_, recovered) = open(&image, Faults::default());
+    assert_eq!(recovered_ids(&recovered), [first[0].0, second[0].0]);
+}
+
+#[test]
 fn leftover_spares_are_removed_at_open() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
     block_on(store.prepare_spare()).unwrap();
@@ -425,6 +443,7 @@ fn run_ops(store: &Store<MemDir>, model: &std::cell::RefCell<Model>, ops: &[Op])
                 }
                 Op::PrepareSpare => {
                     let _ = store.prepare_spare().await;
+                    let _ = store.switch_to_spare_early().await;
                 }
             }
         }
