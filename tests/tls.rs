@@ -202,6 +202,42 @@ fn python_submits_over_starttls_and_implicit_tls_and_fetches_over_pop3s_and_stls
 }
 
 #[test]
+fn lettre_submits_over_starttls_with_rustls_and_auth() {
+    use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+    use lettre::{Message, SmtpTransport, Transport};
+    let dir = tempfile::tempdir().unwrap();
+    let (server, pki) = start(dir.path());
+    let ca = Certificate::from_pem(&std::fs::read(&pki.ca).unwrap()).unwrap();
+    let tls = TlsParameters::builder("mx.ringmail.test".into())
+        .add_root_certificate(ca)
+        .build_rustls()
+        .unwrap();
+    let submission = server.addr("submission");
+    let mailer = SmtpTransport::builder_dangerous(submission.ip().to_string())
+        .port(submission.port())
+        .tls(Tls::Required(tls))
+        .credentials(Credentials::new("alice@example.test".into(), "pw".into()))
+        .authentication(vec![Mechanism::Plain])
+        .build();
+    let email = Message::builder()
+        .from("alice@example.test".parse().unwrap())
+        .to("bob@example.test".parse().unwrap())
+        .to("someone@far.test".parse().unwrap())
+        .subject("over STARTTLS")
+        .body("sent by lettre over rustls\r\n".to_string())
+        .unwrap();
+    let response = mailer.send(&email).unwrap();
+    assert_eq!(u16::from(response.code()), 250);
+    let got = common::pop3_retrieve_all(server.addr("pop3"), "bob@example.test");
+    assert_eq!(got.len(), 1);
+    let text = String::from_utf8_lossy(&got[0]);
+    // RFC 3848: ESMTPSA, the submission was both encrypted and authenticated.
+    assert!(text.contains("with ESMTPSA"), "{text}");
+    assert!(text.contains("sent by lettre over rustls"), "{text}");
+}
+
+#[test]
 fn submission_requires_auth_and_the_senders_own_address() {
     let dir = tempfile::tempdir().unwrap();
     let (server, _pki) = start(dir.path());

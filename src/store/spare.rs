@@ -107,9 +107,10 @@ impl<D: SegmentDir> Store<D> {
     pub async fn switch_to_spare_early(&self) -> Result<bool, StoreError> {
         {
             let mut st = self.state.borrow_mut();
-            let young_unwritten = st.active.and_then(|seq| st.segments.get(&seq)).is_some_and(
-                |seg| seg.unwritten_extents && seg.write_offset < seg.size_bytes / 2,
-            );
+            let young_unwritten = st
+                .active
+                .and_then(|seq| st.segments.get(&seq))
+                .is_some_and(|seg| seg.unwritten_extents && seg.write_offset < seg.size_bytes / 2);
             if st.rolling || !young_unwritten || self.spare.ready.borrow().is_none() {
                 return Ok(false);
             }
