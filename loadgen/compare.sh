@@ -14,6 +14,7 @@
 # Loads (10 KiB messages to u{0..99}@bench.test; everything on loopback):
 #   ingest-1      32 connections, 1 message per connection      (N messages)
 #   ingest-100    32 connections, 100 messages per connection   (2N messages)
+#   ingest-1p, ingest-100p   the same with loadgen --pipelining (RFC 2920), run after POP3
 #   pop3-C        C = 1, 4, 16 connections: log in, LIST, RETR everything, for each of the 100 users
 #                 (loadgen --login-first: in rounds of C users all log in, then all retrieve, and
 #                 the retrieval halves are timed apart from the argon2id logins)
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
     --json) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
     --messages) MESSAGES=$2; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -282,20 +283,23 @@ relay_load() { # SERVER SMTP_ADDR SINK_LOG
   echo "   sink counted $count of $total"
 }
 
+drain_queue() { # SERVER: waits until Postfix has delivered everything it accepted
+  [ "$1" = postfix ] || return 0
+  for _ in $(seq "$LOAD_TIMEOUT_SECS"); do
+    postqueue -p 2>/dev/null | grep -q "Mail queue is empty" && break
+    sleep 1
+  done
+  echo "   postfix queue: $(postqueue -p | tail -n 1)"
+}
+
 run_loads() { # SERVER SMTP_ADDR POP3_ADDR
   local server=$1 smtp=$2 pop3=$3
   load "$server" ingest-1 "$LOADGEN" smtp --target "$smtp" --connections 32 --per-connection 1 \
     --messages "$MESSAGES" --size "$SIZE_BYTES" --to "u{0..$((NUSERS - 1))}@bench.test"
   load "$server" ingest-100 "$LOADGEN" smtp --target "$smtp" --connections 32 --per-connection 100 \
     --messages $((MESSAGES * 2)) --size "$SIZE_BYTES" --to "u{0..$((NUSERS - 1))}@bench.test"
-  if [ "$server" = postfix ]; then
-    # POP3 must see what was accepted: wait until Postfix has delivered its queue to Maildir.
-    for _ in $(seq "$LOAD_TIMEOUT_SECS"); do
-      postqueue -p 2>/dev/null | grep -q "Mail queue is empty" && break
-      sleep 1
-    done
-    echo "   postfix queue: $(postqueue -p | tail -n 1)"
-  fi
+  # POP3 must see what was accepted: Postfix delivers its queue to Maildir first.
+  drain_queue "$server"
   for connections in 1 4 16; do
     load "$server" "pop3-$connections" "$LOADGEN" pop3 --target "$pop3" --connections "$connections" \
       --login-first --user "u{0..$((NUSERS - 1))}@bench.test" --password pw
@@ -304,6 +308,14 @@ run_loads() { # SERVER SMTP_ADDR POP3_ADDR
     load "$server" "pop3p-$connections" "$LOADGEN" pop3 --target "$pop3" --connections "$connections" \
       --login-first --pipelining --user "u{0..$((NUSERS - 1))}@bench.test" --password pw
   done
+  # The same ingest loads with the commands pipelined (RFC 2920), after POP3 so that the
+  # mailboxes it reads hold the same 3N messages either way.
+  load "$server" ingest-1p "$LOADGEN" smtp --target "$smtp" --connections 32 --per-connection 1 \
+    --pipelining --messages "$MESSAGES" --size "$SIZE_BYTES" --to "u{0..$((NUSERS - 1))}@bench.test"
+  load "$server" ingest-100p "$LOADGEN" smtp --target "$smtp" --connections 32 --per-connection 100 \
+    --pipelining --messages $((MESSAGES * 2)) --size "$SIZE_BYTES" --to "u{0..$((NUSERS - 1))}@bench.test"
+  # A backlog of local deliveries would slow Postfix's relay load.
+  drain_queue "$server"
   relay_load "$server" "$smtp" "$WORK/$server-sink.log"
 }
 
@@ -335,6 +347,8 @@ results, json_out, messages = sys.argv[1], sys.argv[2], int(sys.argv[3])
 loads = [
     ("ingest-1", "ingest 10 KiB, 32 conn, 1 msg/conn", "transaction"),
     ("ingest-100", "ingest 10 KiB, 32 conn, 100 msg/conn", "transaction"),
+    ("ingest-1p", "ingest 10 KiB, 32 conn, 1 msg/conn, pipelined", "transaction"),
+    ("ingest-100p", "ingest 10 KiB, 32 conn, 100 msg/conn, pipelined", "transaction"),
     ("pop3-1", "POP3 LIST+RETR all, 1 conn", "retr"),
     ("pop3-4", "POP3 LIST+RETR all, 4 conn", "retr"),
     ("pop3-16", "POP3 LIST+RETR all, 16 conn", "retr"),
@@ -345,6 +359,7 @@ loads = [
 ]
 servers = [("ringmail", "ringmail"), ("postfix", "Postfix/Dovecot")]
 expected = {"ingest-1": messages, "ingest-100": 2 * messages, "relay": messages,
+            "ingest-1p": messages, "ingest-100p": 2 * messages,
             **{f"pop3{p}-{c}": 3 * messages for c in (1, 4, 16) for p in ("", "p")}}
 
 def read(path):

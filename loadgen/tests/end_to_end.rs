@@ -137,10 +137,14 @@ fn smtp_to_sink_keeps_every_message_intact() {
             let claimed = header("X-Loadgen-Checksum:");
             let claimed =
                 u64::from_str_radix(claimed.split(": ").nth(1).unwrap().trim(), 16).unwrap();
+            // FNV-1a 64 over little-endian words (the last zero-padded), then the length.
             let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-            for byte in body.bytes() {
-                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            for word in body.as_bytes().chunks(8) {
+                let mut padded = [0u8; 8];
+                padded[..word.len()].copy_from_slice(word);
+                hash = (hash ^ u64::from_le_bytes(padded)).wrapping_mul(0x0100_0000_01b3);
             }
+            hash = (hash ^ body.len() as u64).wrapping_mul(0x0100_0000_01b3);
             assert_eq!(hash, claimed, "{}", path.display());
         }
     }
