@@ -192,18 +192,30 @@ impl<'a> Reader<'a> {
         Ok(recipients)
     }
 
-    fn string(&mut self) -> Result<String, DecodeError> {
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
         let len = usize::from(self.u16()?);
         if len > MAX_PATH_BYTES {
             return Err(DecodeError::TooLong);
         }
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
+        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::NotUtf8)
     }
 }
 
-/// Decodes a message record's payload, checking that the lengths add up.
-pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
+/// A message record's fixed fields and ranges, borrowed from its payload.
+struct MessageFields<'a> {
+    flags: u8,
+    received_at_us: u64,
+    mail_from: &'a str,
+    received: std::ops::Range<usize>,
+    body: std::ops::Range<usize>,
+}
+
+/// Walks a message record's payload, checking that the lengths add up, and hands each
+/// recipient (address, and mailbox for a local one) to `recipient`.
+fn walk_message<'a>(
+    payload: &'a [u8],
+    mut recipient: impl FnMut(&'a str, Option<&'a str>),
+) -> Result<MessageFields<'a>, DecodeError> {
     let mut r = Reader {
         bytes: payload,
         pos: 0,
@@ -216,20 +228,14 @@ pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
     let received_at_us = r.u64()?;
     let received_len = r.u32()? as usize;
     let body_len = usize::try_from(r.u64()?).map_err(|_| DecodeError::LengthMismatch)?;
-    let mail_from = r.string()?;
-    let count = usize::from(r.u16()?);
-    let mut recipients = Vec::with_capacity(count.min(1024));
-    for _ in 0..count {
-        let address = r.string()?;
-        let destination = match r.u8()? {
-            0 => Destination::Relay,
-            1 => Destination::Mailbox(r.string()?),
+    let mail_from = r.str()?;
+    for _ in 0..r.u16()? {
+        let address = r.str()?;
+        match r.u8()? {
+            0 => recipient(address, None),
+            1 => recipient(address, Some(r.str()?)),
             other => return Err(DecodeError::Destination(other)),
-        };
-        recipients.push(EnvelopeRecipient {
-            address,
-            destination,
-        });
+        }
     }
     let received_start = r.pos;
     let body_start = received_start
@@ -241,17 +247,45 @@ pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
     if body_end != payload.len() {
         return Err(DecodeError::LengthMismatch);
     }
-    Ok(MessageLayout {
-        envelope: Envelope {
-            received_at_us,
-            mail_from,
-            recipients,
-            eight_bit: flags & FLAG_EIGHT_BIT != 0,
-            smtputf8: flags & FLAG_SMTPUTF8 != 0,
-        },
+    Ok(MessageFields {
+        flags,
+        received_at_us,
+        mail_from,
         received: received_start..body_start,
         body: body_start..body_end,
     })
+}
+
+/// Decodes a message record's payload, checking that the lengths add up.
+pub fn decode_message(payload: &[u8]) -> Result<MessageLayout, DecodeError> {
+    let mut recipients = Vec::new();
+    let fields = walk_message(payload, |address, mailbox| {
+        recipients.push(EnvelopeRecipient {
+            address: address.to_string(),
+            destination: match mailbox {
+                Some(mailbox) => Destination::Mailbox(mailbox.to_string()),
+                None => Destination::Relay,
+            },
+        })
+    })?;
+    Ok(MessageLayout {
+        envelope: Envelope {
+            received_at_us: fields.received_at_us,
+            mail_from: fields.mail_from.to_string(),
+            recipients,
+            eight_bit: fields.flags & FLAG_EIGHT_BIT != 0,
+            smtputf8: fields.flags & FLAG_SMTPUTF8 != 0,
+        },
+        received: fields.received,
+        body: fields.body,
+    })
+}
+
+/// What POP3 RETR needs of a message record, borrowed from it without allocating: the
+/// envelope sender (for `Return-Path:`) and the range of the stored `Received:` + body.
+pub fn decode_for_retrieval(payload: &[u8]) -> Result<(&str, std::ops::Range<usize>), DecodeError> {
+    let fields = walk_message(payload, |_, _| {})?;
+    Ok((fields.mail_from, fields.received.start..fields.body.end))
 }
 
 /// What finally became of a recipient.
@@ -379,6 +413,10 @@ mod tests {
         assert_eq!(&payload[layout.received.clone()], &received[..]);
         assert_eq!(&payload[layout.body.clone()], &body[..]);
         assert_eq!(layout.stored_message().len(), received.len() + body.len());
+        // RETR's borrowed decoding finds the same sender and bytes.
+        let (mail_from, stored) = decode_for_retrieval(&payload).unwrap();
+        assert_eq!(mail_from, sample().mail_from);
+        assert_eq!(stored, layout.stored_message());
     }
 
     #[test]
@@ -416,6 +454,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_message(&bytes);
+            let _ = decode_for_retrieval(&bytes);
             let _ = OutcomeRecord::decode(&bytes);
             let _ = DeferralRecord::decode(&bytes);
         }

@@ -16,7 +16,7 @@ use thiserror::Error;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Initial receive buffer; grows for big POP3 messages up to the frame limit.
-const INITIAL_BUFFER_BYTES: usize = 16 * 1024;
+const INITIAL_BUFFER_BYTES: usize = 128 * 1024;
 
 /// Why a session ended early. Every variant is counted, none panics.
 #[derive(Debug, Error)]

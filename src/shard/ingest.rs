@@ -20,12 +20,17 @@ use crate::store::{RecordId, StoreError};
 /// What a POP3 RETR of this recipient's copy sends, in octets: the `Return-Path:` line made at
 /// RETR time, then the stored `Received:` header and body.
 pub fn retr_size_octets(mail_from: &str, stored_message_len: usize) -> u64 {
-    (return_path_line(mail_from).len() + stored_message_len) as u64
+    (RETURN_PATH_OVERHEAD + mail_from.len() + stored_message_len) as u64
 }
 
-/// The `Return-Path:` line POP3 RETR puts in front of a stored message.
-pub fn return_path_line(mail_from: &str) -> String {
-    format!("Return-Path: <{mail_from}>\r\n")
+/// Octets the `Return-Path:` line adds around the address.
+pub const RETURN_PATH_OVERHEAD: usize = "Return-Path: <>\r\n".len();
+
+/// Appends the `Return-Path:` line POP3 RETR puts in front of a stored message to `out`.
+pub fn write_return_path_line(out: &mut Vec<u8>, mail_from: &str) {
+    out.extend_from_slice(b"Return-Path: <");
+    out.extend_from_slice(mail_from.as_bytes());
+    out.extend_from_slice(b">\r\n");
 }
 
 fn unix_now_us() -> u64 {

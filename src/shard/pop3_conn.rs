@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{future, AsyncWrite};
 
 use super::conn::{read_some, write_all, write_all_vectored, ReadOutcome};
-use super::ingest::{record_outcome, return_path_line};
+use super::ingest::{record_outcome, write_return_path_line, RETURN_PATH_OVERHEAD};
 use super::mesh::{reply_channel, MeshMessage};
 use super::stream::ConnStream;
 use super::Shard;
@@ -357,8 +357,9 @@ async fn send_message<S: AsyncWrite + Unpin>(
         .fetch(shard, key)
         .await
         .map_err(std::io::Error::other)?;
-    let layout = envelope::decode_message(&record).map_err(std::io::Error::other)?;
-    let stored = &record[layout.stored_message()];
+    let (mail_from, stored) =
+        envelope::decode_for_retrieval(&record).map_err(std::io::Error::other)?;
+    let stored = &record[stored];
     let stored = match top_lines {
         Some(lines) => &stored[..crate::pop3::top_len(stored, lines)],
         None => stored,
@@ -366,9 +367,11 @@ async fn send_message<S: AsyncWrite + Unpin>(
     // A cold segment would fault inside send() and stall every connection of the shard.
     record.prefetch();
     // The +OK line and Return-Path go out in one small write before the stored bytes.
-    let mut head = session.output().to_vec();
+    let status = session.output();
+    let mut head = Vec::with_capacity(status.len() + RETURN_PATH_OVERHEAD + mail_from.len());
+    head.extend_from_slice(status);
     session.output_consumed(head.len());
-    head.extend_from_slice(return_path_line(&layout.envelope.mail_from).as_bytes());
+    write_return_path_line(&mut head, mail_from);
     let tail: &[u8] = if stored.is_empty() || stored.ends_with(b"\r\n") {
         b".\r\n"
     } else {
