@@ -3,7 +3,9 @@
 # Postfix delivering to Maildirs (default fsyncs), and against Postfix's no-disk smtp-sink;
 # 10 KiB messages to one mailbox (u7@bench.test), 8 and 32 sessions, a connection per message
 # and with -d (reuse). Run loadgen/compare.sh once first: it installs and configures Postfix
-# (domain bench.test, users u0..u99). Usage: loadgen/bench/smtp-source.sh [MESSAGES]
+# (domain bench.test, users u0..u99). Usage: [SHARDS=N] loadgen/bench/smtp-source.sh [MESSAGES]
+# SHARDS sets ringmail's `shards` (default: one per CPU). smtp-source and smtp-sink are single
+# processes; on a 2-core host SHARDS=1 leaves the driver a core of its own.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 M=${1:-4000}
@@ -15,6 +17,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; postfix stop >/dev/null 2>&1 || true;
 
 hash=$(echo pw | "$ROOT/target/release/ringmail" hash-password)
 {
+  [ -n "${SHARDS:-}" ] && echo "shards = $SHARDS"
   echo 'hostname = "mx.bench.test"'
   echo "data_dir = \"$WORK/data\""
   echo 'local_domains = ["bench.test"]'
