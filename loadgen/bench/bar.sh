@@ -1,7 +1,9 @@
 #!/bin/bash
 # The loadgen Bar (issue 5): loadgen smtp -> loadgen sink must reach at least 2x the
 # msgs/s of Postfix's smtp-source -d -> smtp-sink, 1 KiB messages, 8 reused connections,
-# same machine, same run. Runs both pairs ROUNDS times, alternating, and prints msgs/s.
+# same machine, same run. Runs the pairs ROUNDS times, alternating, and prints msgs/s: loadgen
+# once with pipelined DATA (one transaction in flight per connection: the 354 must come back
+# before the content goes out) and once with --chunking (BDAT, 16 transactions in flight).
 # Usage: loadgen/bench/bar.sh [path/to/loadgen]   (needs the postfix package)
 set -euo pipefail
 LOADGEN=${1:-${CARGO_TARGET_DIR:-target}/release/loadgen}
@@ -31,9 +33,11 @@ for round in $(seq 1 "$ROUNDS"); do
   "$LOADGEN" sink --listen "127.0.0.1:$PORT_LG" --print-every-secs 0 $threads_flag >/dev/null & sink_pid=$!
   sleep 0.5
   kill -0 "$sink_pid" || { echo "loadgen sink did not start"; exit 1; }
-  # shellcheck disable=SC2086
-  "$LOADGEN" smtp --quiet --target "127.0.0.1:$PORT_LG" --connections 8 --messages "$MESSAGES" \
-    --size 1024 --to u7@bench.test --from from@x.test --pipelining $threads_flag --json /tmp/loadgen-bar.json >/dev/null
+  for mode in --pipelining --chunking; do
+    # shellcheck disable=SC2086
+    "$LOADGEN" smtp --quiet --target "127.0.0.1:$PORT_LG" --connections 8 --messages "$MESSAGES" \
+      --size 1024 --to u7@bench.test --from from@x.test $mode $threads_flag --json /tmp/loadgen-bar.json >/dev/null
+    echo "round $round loadgen smtp $mode -> loadgen sink: $(python3 -c 'import json;print(round(json.load(open("/tmp/loadgen-bar.json"))["msgs_per_sec"]))') msgs/s"
+  done
   kill -INT "$sink_pid"; wait "$sink_pid" 2>/dev/null || true; sink_pid=
-  echo "round $round loadgen smtp -> loadgen sink: $(python3 -c 'import json;print(round(json.load(open("/tmp/loadgen-bar.json"))["msgs_per_sec"]))') msgs/s"
 done

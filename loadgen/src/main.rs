@@ -118,6 +118,11 @@ struct SmtpArgs {
     /// Send MAIL, RCPT and DATA in one write when the server advertises PIPELINING.
     #[arg(long)]
     pipelining: bool,
+    /// Where the server advertises CHUNKING and PIPELINING, send each message with
+    /// `BDAT <size> LAST` (RFC 3030) instead of DATA, up to 16 messages in flight per
+    /// connection. Closed loop only.
+    #[arg(long, conflicts_with = "rate")]
+    chunking: bool,
     /// Open loop: messages per second arriving on a fixed schedule; latency is measured
     /// from each arrival's intended time (coordinated omission corrected).
     #[arg(long)]
@@ -436,6 +441,7 @@ fn run_smtp(args: SmtpArgs) -> Result<ExitCode, RunError> {
         helo: args.helo,
         per_connection: args.per_connection.unwrap_or(u64::MAX),
         pipelining: args.pipelining,
+        chunking: args.chunking,
         rate_per_sec: args.rate,
         threads,
         run_id,

@@ -94,6 +94,24 @@ pub struct Counts {
     pub too_big: u64,
 }
 
+/// The size and LAST flag of `BDAT <size> [LAST]` (what follows the verb).
+fn parse_bdat(arguments: &[u8]) -> Option<(usize, bool)> {
+    let mut words = arguments
+        .split(|&b| b == b' ')
+        .filter(|word| !word.is_empty());
+    let size = words.next()?;
+    if size.is_empty() || size.len() > 18 || !size.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = std::str::from_utf8(size).ok()?.parse().ok()?;
+    let last = match words.next() {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case(b"LAST") => true,
+        Some(_) => return None,
+    };
+    words.next().is_none().then_some((size, last))
+}
+
 /// Where the session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -101,6 +119,13 @@ enum State {
     Command,
     /// Reading message data; the terminator scanner's progress is in `Session::data_match`.
     Data,
+    /// Reading the octets of a BDAT chunk (RFC 3030), which are consumed even when the
+    /// command is refused, so that they are never taken for commands.
+    Chunk {
+        remaining: usize,
+        last: bool,
+        refusal: Option<&'static [u8]>,
+    },
     /// QUIT or a fatal error: no more input is read.
     Closed,
 }
@@ -131,8 +156,13 @@ pub struct Session {
     data_match: u8,
     /// Data octets of this transaction so far (including the terminator).
     data_bytes: usize,
-    /// The accepted message (still dot-stuffed, with the terminator) in keep mode.
+    /// The accepted message in keep mode, as it travelled: dot-stuffed with its terminator
+    /// after DATA, the chunks' octets as they are after BDAT (see `kept_message`).
     pub kept: Vec<u8>,
+    /// This transaction's content comes in BDAT chunks: DATA is out of order until it ends.
+    chunked: bool,
+    /// `kept` holds BDAT octets rather than DATA's stuffed form.
+    kept_chunked: bool,
 }
 
 impl Session {
@@ -146,6 +176,17 @@ impl Session {
             data_match: 0,
             data_bytes: 0,
             kept: Vec::new(),
+            chunked: false,
+            kept_chunked: false,
+        }
+    }
+
+    /// The kept message as the client meant it: unstuffed, without DATA's terminator.
+    pub fn kept_message(&self) -> Vec<u8> {
+        if self.kept_chunked {
+            self.kept.clone()
+        } else {
+            dot_unstuff(&self.kept[..self.kept.len().saturating_sub(3)])
         }
     }
 
@@ -166,9 +207,46 @@ impl Session {
                     if !done {
                         return self.step(consumed, false);
                     }
-                    let kept = self.end_of_data(replies, counts);
+                    let message_bytes = self.data_bytes.saturating_sub(3);
+                    let kept = self.end_of_data(message_bytes, replies, counts);
                     if kept {
                         return self.step(consumed, true);
+                    }
+                }
+                State::Chunk {
+                    remaining,
+                    last,
+                    refusal,
+                } => {
+                    let used = remaining.min(rest.len());
+                    if refusal.is_none()
+                        && self.policy.keep
+                        && self.data_bytes + used <= self.policy.max_message_bytes
+                    {
+                        self.kept.extend_from_slice(&rest[..used]);
+                    }
+                    self.data_bytes += used;
+                    consumed += used;
+                    if used < remaining {
+                        self.state = State::Chunk {
+                            remaining: remaining - used,
+                            last,
+                            refusal,
+                        };
+                        return self.step(consumed, false);
+                    }
+                    self.state = State::Command;
+                    if let Some(refusal) = refusal {
+                        replies.extend_from_slice(refusal);
+                        self.reset();
+                    } else if last {
+                        if self.end_of_data(self.data_bytes, replies, counts) {
+                            return self.step(consumed, true);
+                        }
+                    } else {
+                        replies.extend_from_slice(
+                            format!("250 2.0.0 {} octets received\r\n", self.data_bytes).as_bytes(),
+                        );
                     }
                 }
                 State::Command => {
@@ -211,7 +289,7 @@ impl Session {
             self.reset();
             replies.extend_from_slice(
                 format!(
-                    "250-sink.loadgen.invalid\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE {}\r\n",
+                    "250-sink.loadgen.invalid\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE {}\r\n",
                     self.policy.max_message_bytes
                 )
                 .as_bytes(),
@@ -236,7 +314,9 @@ impl Session {
                 replies.extend_from_slice(b"250 2.1.5 Ok\r\n");
             }
         } else if is("DATA") {
-            if self.recipients == 0 {
+            if self.chunked {
+                replies.extend_from_slice(b"503 5.5.1 DATA after BDAT\r\n");
+            } else if self.recipients == 0 {
                 replies.extend_from_slice(b"554 5.5.1 No valid recipients\r\n");
             } else {
                 self.state = State::Data;
@@ -246,6 +326,29 @@ impl Session {
                 self.kept.clear();
                 replies.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
             }
+        } else if is("BDAT") {
+            let Some((size, last)) = parse_bdat(&line[verb_end..]) else {
+                // Without a size, where the chunk ends is unknown: nothing after it can be
+                // read as a command.
+                replies.extend_from_slice(b"501 5.5.4 Syntax: BDAT <size> [LAST]\r\n");
+                self.state = State::Closed;
+                return;
+            };
+            let refusal: Option<&'static [u8]> = if self.recipients == 0 {
+                Some(b"554 5.5.1 No valid recipients\r\n")
+            } else {
+                None
+            };
+            if refusal.is_none() && !self.chunked {
+                self.chunked = true;
+                self.data_bytes = 0;
+                self.kept.clear();
+            }
+            self.state = State::Chunk {
+                remaining: size,
+                last,
+                refusal,
+            };
         } else if is("RSET") {
             self.reset();
             replies.extend_from_slice(b"250 2.0.0 Ok\r\n");
@@ -265,6 +368,7 @@ impl Session {
     fn reset(&mut self) {
         self.has_sender = false;
         self.recipients = 0;
+        self.chunked = false;
     }
 
     /// Scans message data for the terminator; returns octets used and whether it was found.
@@ -298,12 +402,18 @@ impl Session {
         (at, false)
     }
 
-    /// Answers the end of data; returns whether a kept message is ready.
-    fn end_of_data(&mut self, replies: &mut Vec<u8>, counts: &mut Counts) -> bool {
+    /// Answers the end of a message of `message_bytes` octets (after DATA's terminator or
+    /// BDAT LAST's chunk); returns whether a kept message is ready.
+    fn end_of_data(
+        &mut self,
+        message_bytes: usize,
+        replies: &mut Vec<u8>,
+        counts: &mut Counts,
+    ) -> bool {
         self.state = State::Command;
         let index = counts.transactions;
         counts.transactions += 1;
-        let too_big = self.data_bytes.saturating_sub(3) > self.policy.max_message_bytes;
+        let too_big = message_bytes > self.policy.max_message_bytes;
         let fate = if too_big {
             Fate::PermFail
         } else {
@@ -313,11 +423,12 @@ impl Session {
                 self.policy.permfail_basis_points,
             )
         };
+        self.kept_chunked = self.chunked;
         self.reset();
         match fate {
             Fate::Accept => {
                 counts.accepted += 1;
-                counts.accepted_bytes += self.data_bytes.saturating_sub(3) as u64;
+                counts.accepted_bytes += message_bytes as u64;
                 replies
                     .extend_from_slice(format!("250 2.0.0 Ok: queued as {index:x}\r\n").as_bytes());
                 self.policy.keep
@@ -635,8 +746,7 @@ impl Connection {
     /// API so the executor never blocks.
     async fn keep(&mut self) {
         let Some(dir) = &self.keep_dir else { return };
-        let stuffed = &self.session.kept[..self.session.kept.len().saturating_sub(3)];
-        let bytes = dot_unstuff(stuffed);
+        let bytes = self.session.kept_message();
         let number = self.kept_files.get();
         self.kept_files.set(number + 1);
         let path = dir.join(format!("{}-{number}.eml", self.thread_index));
@@ -684,7 +794,7 @@ mod tests {
     #[test]
     fn dialogue_byte_by_byte_and_pipelined() {
         let input = b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\nSubject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n";
-        let want = "250-sink.loadgen.invalid\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE 1000\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as 0\r\n221 2.0.0 Bye\r\n";
+        let want = "250-sink.loadgen.invalid\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE 1000\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as 0\r\n221 2.0.0 Bye\r\n";
         let mut counts = Counts::default();
         let (replies, step) = run(&mut Session::new(policy(false)), input, &mut counts);
         assert_eq!(replies, want);
@@ -704,6 +814,63 @@ mod tests {
         }
         assert_eq!(String::from_utf8(replies).unwrap(), want);
         assert_eq!(counts.accepted, 1);
+    }
+
+    #[test]
+    fn bdat_chunks_byte_by_byte_and_pipelined() {
+        // The chunks hold what would end DATA, a bare LF and a leading dot: octets, not lines.
+        let input = b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 5\r\nab\r\n.BDAT 4 LAST\r\n\r\nx\nQUIT\r\n";
+        let mut whole = Session::new(policy(true));
+        let mut counts = Counts::default();
+        let (replies, _) = run(&mut whole, input, &mut counts);
+        let tail = "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 5 octets received\r\n250 2.0.0 Ok: queued as 0\r\n221 2.0.0 Bye\r\n";
+        assert!(replies.ends_with(tail), "{replies}");
+        assert!(replies.contains("250-CHUNKING\r\n"));
+        assert_eq!((counts.accepted, counts.accepted_bytes), (1, 9));
+
+        let mut session = Session::new(policy(true));
+        let mut counts = Counts::default();
+        let mut replies = Vec::new();
+        let mut pending = Vec::new();
+        let mut kept = None;
+        for &byte in input.iter() {
+            pending.push(byte);
+            let step = session.feed(&pending, &mut replies, &mut counts);
+            pending.drain(..step.consumed);
+            if step.kept_message {
+                kept = Some(session.kept_message());
+            }
+        }
+        assert!(String::from_utf8(replies).unwrap().ends_with(tail));
+        assert_eq!(kept.as_deref(), Some(&b"ab\r\n.\r\nx\n"[..]));
+    }
+
+    #[test]
+    fn bdat_refusals_still_consume_the_chunk() {
+        let table: &[(&[u8], &str, bool)] = &[
+            // No recipients: the 5 octets "NOOP\n" are data, not a command.
+            (
+                b"BDAT 5 LAST\r\nNOOP\nRSET\r\n",
+                "554 5.5.1 No valid recipients\r\n250 2.0.0 Ok\r\n",
+                false,
+            ),
+            (b"BDAT x\r\nNOOP\r\n", "501 5.5.4 Syntax: BDAT <size> [LAST]\r\n", true),
+            (b"BDAT 1 FIRST\r\nx", "501 5.5.4 Syntax: BDAT <size> [LAST]\r\n", true),
+            (
+                b"MAIL FROM:<>\r\nRCPT TO:<b@y>\r\nBDAT 1\r\nxDATA\r\n",
+                "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 1 octets received\r\n503 5.5.1 DATA after BDAT\r\n",
+                false,
+            ),
+        ];
+        for (input, want, closed) in table {
+            let (replies, step) = run(
+                &mut Session::new(policy(false)),
+                input,
+                &mut Counts::default(),
+            );
+            assert_eq!(replies, *want, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(step.close, *closed);
+        }
     }
 
     #[test]

@@ -95,6 +95,11 @@ pub fn envelope_commands(out: &mut Vec<u8>, from: &str, to: &str) {
     out.extend_from_slice(b">\r\nDATA\r\n");
 }
 
+/// Messages a `--chunking` connection keeps in flight. BDAT needs no 354 before the content,
+/// so nothing stops a client from sending the next transactions before the replies to the
+/// last; the window is refilled, in one write, when half of it has been answered.
+pub const CHUNKING_WINDOW: usize = 16;
+
 /// What `loadgen smtp` was asked to do.
 #[derive(Debug, Clone)]
 pub struct SmtpPlan {
@@ -118,6 +123,10 @@ pub struct SmtpPlan {
     pub per_connection: u64,
     /// Send MAIL/RCPT/DATA in one write when the server offers PIPELINING.
     pub pipelining: bool,
+    /// `--chunking`: where the server offers CHUNKING and PIPELINING, send each message as
+    /// MAIL, RCPT and `BDAT <size> LAST` with its content, up to [`CHUNKING_WINDOW`] messages
+    /// in flight per connection (closed loop only).
+    pub chunking: bool,
     /// Open-loop arrival rate in messages per second across all threads.
     pub rate_per_sec: Option<f64>,
     /// Threads (executors).
@@ -361,7 +370,12 @@ async fn session(
         (code, range) = read_reply(conn).await?;
     }
     let pipelining = if code == 250 {
-        plan.pipelining && ehlo_advertises(&conn.bytes()[range], "PIPELINING")
+        let ehlo = &conn.bytes()[range];
+        if plan.chunking && ehlo_advertises(ehlo, "PIPELINING") && ehlo_advertises(ehlo, "CHUNKING")
+        {
+            return chunked_transactions(state, conn, buffers, first).await;
+        }
+        plan.pipelining && ehlo_advertises(ehlo, "PIPELINING")
     } else {
         // Servers without ESMTP answer EHLO with 500/502: fall back to HELO.
         conn.send(format!("HELO {}\r\n", plan.helo).as_bytes())
@@ -408,29 +422,122 @@ async fn session(
         Live::add(&state.live.in_flight, 1);
         let outcome = transaction(state, conn, buffers, exchange, &mut chained).await;
         Live::sub(&state.live.in_flight, 1);
-        let latency = started.elapsed();
-        let mut stats = state.stats.borrow_mut();
-        match outcome? {
-            Outcome::Accepted => {
-                stats.messages_ok += 1;
-                stats.bytes_ok += plan.size_bytes as u64;
-                stats.count_reply(250);
-                stats.record("transaction", latency);
-                Live::add(&state.live.messages, 1);
-                Live::add(&state.live.bytes, plan.size_bytes as u64);
-            }
-            Outcome::Refused(code) => {
-                stats.messages_refused += 1;
-                stats.count_reply(code);
-                stats.record("transaction", latency);
-                Live::add(&state.live.errors, 1);
-            }
-        }
+        count_outcome(state, outcome?, started.elapsed());
     }
+    quit(conn).await
+}
+
+async fn quit(conn: &mut Conn) -> Result<(), SessionError> {
     conn.send(b"QUIT\r\n").await?;
     // A server that closes without a 221 has still done its job for us.
     let _ = read_reply(conn).await;
     Ok(())
+}
+
+/// `--chunking`: up to [`CHUNKING_WINDOW`] transactions of MAIL, RCPT and `BDAT <size> LAST`
+/// (RFC 3030) in flight, then QUIT. Latency counts from the write that carried each one.
+async fn chunked_transactions(
+    state: &ThreadState,
+    conn: &mut Conn,
+    buffers: &mut Buffers,
+    first: Ticket,
+) -> Result<(), SessionError> {
+    let plan = &state.plan;
+    let mut first = Some(first);
+    let mut in_flight: std::collections::VecDeque<Instant> = Default::default();
+    let mut sent = 0;
+    loop {
+        if in_flight.len() <= CHUNKING_WINDOW / 2 {
+            buffers.wire.clear();
+            let before = in_flight.len();
+            while in_flight.len() < CHUNKING_WINDOW && sent < plan.per_connection {
+                let Some(ticket) = first.take().or_else(|| state.take()) else {
+                    break;
+                };
+                sent += 1;
+                let to = build_ticket_message(state, buffers, &ticket)?;
+                buffers.wire.extend_from_slice(b"MAIL FROM:<");
+                buffers.wire.extend_from_slice(plan.from.as_bytes());
+                buffers.wire.extend_from_slice(b">\r\nRCPT TO:<");
+                buffers.wire.extend_from_slice(to.as_bytes());
+                buffers.wire.extend_from_slice(
+                    format!(">\r\nBDAT {} LAST\r\n", buffers.raw.len()).as_bytes(),
+                );
+                buffers.wire.extend_from_slice(&buffers.raw);
+                in_flight.push_back(Instant::now());
+            }
+            if !buffers.wire.is_empty() {
+                Live::add(&state.live.in_flight, (in_flight.len() - before) as u64);
+                conn.send(&buffers.wire).await?;
+            }
+        }
+        let Some(started) = in_flight.pop_front() else {
+            break;
+        };
+        let mut refused = None;
+        for step in ["MAIL", "RCPT", "BDAT LAST"] {
+            let (code, range) = read_reply(conn).await?;
+            check_step(conn, step, code, range, &mut refused)?;
+        }
+        Live::sub(&state.live.in_flight, 1);
+        count_outcome(
+            state,
+            match refused {
+                Some(code) => Outcome::Refused(code),
+                None => Outcome::Accepted,
+            },
+            started.elapsed(),
+        );
+    }
+    quit(conn).await
+}
+
+/// Counts one finished transaction.
+fn count_outcome(state: &ThreadState, outcome: Outcome, latency: Duration) {
+    let plan = &state.plan;
+    let mut stats = state.stats.borrow_mut();
+    match outcome {
+        Outcome::Accepted => {
+            stats.messages_ok += 1;
+            stats.bytes_ok += plan.size_bytes as u64;
+            stats.count_reply(250);
+            stats.record("transaction", latency);
+            Live::add(&state.live.messages, 1);
+            Live::add(&state.live.bytes, plan.size_bytes as u64);
+        }
+        Outcome::Refused(code) => {
+            stats.messages_refused += 1;
+            stats.count_reply(code);
+            stats.record("transaction", latency);
+            Live::add(&state.live.errors, 1);
+        }
+    }
+}
+
+/// Builds the message of `ticket` into `buffers.raw`; returns its recipient.
+fn build_ticket_message(
+    state: &ThreadState,
+    buffers: &mut Buffers,
+    ticket: &Ticket,
+) -> Result<String, SessionError> {
+    let plan = &state.plan;
+    let (recipient_index, to) = state.recipient(ticket);
+    let message_id = format!(
+        "{:x}.{}.{}@loadgen.invalid",
+        plan.run_id, state.thread_index, ticket.sequence
+    );
+    // Sizes were checked when the plan was made, so this cannot fail for a valid plan;
+    // should it, the transaction is counted as broken rather than sent malformed.
+    build_message(
+        &mut buffers.raw,
+        &plan.from,
+        &to,
+        &message_id,
+        plan.size_bytes,
+        recipient_index ^ plan.run_id,
+    )
+    .map_err(|_| SessionError::Malformed("message does not fit --size"))?;
+    Ok(to)
 }
 
 /// How one transaction goes on the wire.
@@ -463,23 +570,7 @@ async fn transaction(
     chained: &mut Option<(Ticket, Instant)>,
 ) -> Result<Outcome, SessionError> {
     let plan = &state.plan;
-    let ticket = exchange.ticket;
-    let (recipient_index, to) = state.recipient(ticket);
-    let message_id = format!(
-        "{:x}.{}.{}@loadgen.invalid",
-        plan.run_id, state.thread_index, ticket.sequence
-    );
-    // Sizes were checked when the plan was made, so this cannot fail for a valid plan;
-    // should it, the transaction is counted as broken rather than sent malformed.
-    build_message(
-        &mut buffers.raw,
-        &plan.from,
-        &to,
-        &message_id,
-        plan.size_bytes,
-        recipient_index ^ plan.run_id,
-    )
-    .map_err(|_| SessionError::Malformed("message does not fit --size"))?;
+    let to = build_ticket_message(state, buffers, exchange.ticket)?;
     buffers.wire.clear();
     envelope_commands(&mut buffers.wire, &plan.from, &to);
     let mut refused = None;

@@ -79,81 +79,90 @@ fn smtp_to_sink_keeps_every_message_intact() {
         "0",
     ]);
     let report = dir.join("report.json");
-    let out = run(&[
-        "smtp",
-        "--target",
-        &listen,
-        "--connections",
-        "3",
-        "--messages",
-        "50",
-        "--size",
-        "3000",
-        "--to",
-        "user{0..4}@example.test",
-        "--per-connection",
-        "7",
-        "--pipelining",
-        "--threads",
-        "2",
-        "--quiet",
-        "--json",
-        report.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let figures = json(&report);
-    assert_eq!(figures["messages"], 50);
-    assert_eq!(figures["failures"], 0);
-    assert_eq!(figures["reply_codes"]["250"], 50);
-    // 50 messages in sessions of up to 7 on 3 slots: 8 full-or-last sessions, plus at
-    // most two cut short when the budget ran out; never a connection without a message.
-    let connects = figures["latency"]["connect"]["count"].as_u64().unwrap();
-    assert!((8..=10).contains(&connects), "{connects}");
-    let mut message_ids = std::collections::BTreeSet::new();
-    let mut recipients = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "eml") {
-            let mut bytes = Vec::new();
-            std::fs::File::open(&path)
-                .unwrap()
-                .read_to_end(&mut bytes)
-                .unwrap();
-            assert_eq!(bytes.len(), 3000, "{}", path.display());
-            let text = String::from_utf8(bytes).unwrap();
-            let header = |name: &str| {
-                text.lines()
-                    .find(|l| l.starts_with(name))
-                    .unwrap_or_else(|| panic!("{name} missing"))
-                    .to_string()
-            };
-            message_ids.insert(header("Message-ID:"));
-            recipients.insert(header("To:"));
-            let (_, body) = text.split_once("\r\n\r\n").unwrap();
-            let claimed = header("X-Loadgen-Checksum:");
-            let claimed =
-                u64::from_str_radix(claimed.split(": ").nth(1).unwrap().trim(), 16).unwrap();
-            // FNV-1a 64 over little-endian words (the last zero-padded), then the length.
-            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-            for word in body.as_bytes().chunks(8) {
-                let mut padded = [0u8; 8];
-                padded[..word.len()].copy_from_slice(word);
-                hash = (hash ^ u64::from_le_bytes(padded)).wrapping_mul(0x0100_0000_01b3);
+    // DATA pipelined one transaction at a time, and BDAT with many transactions in flight.
+    for mode in ["--pipelining", "--chunking"] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "eml") {
+                std::fs::remove_file(path).unwrap();
             }
-            hash = (hash ^ body.len() as u64).wrapping_mul(0x0100_0000_01b3);
-            assert_eq!(hash, claimed, "{}", path.display());
         }
+        let out = run(&[
+            "smtp",
+            "--target",
+            &listen,
+            "--connections",
+            "3",
+            "--messages",
+            "50",
+            "--size",
+            "3000",
+            "--to",
+            "user{0..4}@example.test",
+            "--per-connection",
+            "7",
+            mode,
+            "--threads",
+            "2",
+            "--quiet",
+            "--json",
+            report.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let figures = json(&report);
+        assert_eq!(figures["messages"], 50);
+        assert_eq!(figures["failures"], 0);
+        assert_eq!(figures["reply_codes"]["250"], 50);
+        // 50 messages in sessions of up to 7 on 3 slots: 8 full-or-last sessions, plus at
+        // most two cut short when the budget ran out; never a connection without a message.
+        let connects = figures["latency"]["connect"]["count"].as_u64().unwrap();
+        assert!((8..=10).contains(&connects), "{connects}");
+        let mut message_ids = std::collections::BTreeSet::new();
+        let mut recipients = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "eml") {
+                let mut bytes = Vec::new();
+                std::fs::File::open(&path)
+                    .unwrap()
+                    .read_to_end(&mut bytes)
+                    .unwrap();
+                assert_eq!(bytes.len(), 3000, "{mode}: {}", path.display());
+                let text = String::from_utf8(bytes).unwrap();
+                let header = |name: &str| {
+                    text.lines()
+                        .find(|l| l.starts_with(name))
+                        .unwrap_or_else(|| panic!("{name} missing"))
+                        .to_string()
+                };
+                message_ids.insert(header("Message-ID:"));
+                recipients.insert(header("To:"));
+                let (_, body) = text.split_once("\r\n\r\n").unwrap();
+                let claimed = header("X-Loadgen-Checksum:");
+                let claimed =
+                    u64::from_str_radix(claimed.split(": ").nth(1).unwrap().trim(), 16).unwrap();
+                // FNV-1a 64 over little-endian words (the last zero-padded), then the length.
+                let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+                for word in body.as_bytes().chunks(8) {
+                    let mut padded = [0u8; 8];
+                    padded[..word.len()].copy_from_slice(word);
+                    hash = (hash ^ u64::from_le_bytes(padded)).wrapping_mul(0x0100_0000_01b3);
+                }
+                hash = (hash ^ body.len() as u64).wrapping_mul(0x0100_0000_01b3);
+                assert_eq!(hash, claimed, "{}", path.display());
+            }
+        }
+        assert_eq!(message_ids.len(), 50, "Message-IDs are unique");
+        assert_eq!(
+            recipients.len(),
+            5,
+            "recipients go round-robin over the pattern"
+        );
     }
-    assert_eq!(message_ids.len(), 50, "Message-IDs are unique");
-    assert_eq!(
-        recipients.len(),
-        5,
-        "recipients go round-robin over the pattern"
-    );
 
     let out = run(&[
         "smtp",
@@ -317,6 +326,18 @@ fn bad_arguments_exit_2_with_a_message() {
             "u{1..2}{3..4}@x",
         ],
         &["smtp", "--target", "127.0.0.1:25", "--to", "u@x"],
+        &[
+            "smtp",
+            "--target",
+            "127.0.0.1:25",
+            "--messages",
+            "1",
+            "--to",
+            "u@x",
+            "--chunking",
+            "--rate",
+            "5",
+        ],
         &[
             "smtp",
             "--target",
