@@ -347,6 +347,14 @@ async fn multiline(
     command: &[u8],
 ) -> Result<(bool, Range<usize>), SessionError> {
     conn.send(command).await?;
+    read_multiline(state, conn).await
+}
+
+/// Reads a multi-line response; counts it.
+async fn read_multiline(
+    state: &ThreadState,
+    conn: &mut Conn,
+) -> Result<(bool, Range<usize>), SessionError> {
     let mut ok = false;
     let mut searched = 0;
     let range = conn
@@ -495,18 +503,8 @@ async fn retrieve_pipelined(
         match outstanding.pop_front() {
             None => return Ok(()),
             Some(Outstanding::Retr { number, sent }) => {
-                let mut ok = false;
-                let mut searched = 0;
-                let range = conn
-                    .read_frame(|input| {
-                        Ok(parse_multiline(input, &mut searched)?.map(|(is_ok, len)| {
-                            ok = is_ok;
-                            len
-                        }))
-                    })
-                    .await?;
-                state.stats.borrow_mut().count_reply(u16::from(ok));
-                retrieved(state, conn, user, number, (ok, range), sent);
+                let reply = read_multiline(state, conn).await?;
+                retrieved(state, conn, user, number, reply, sent);
             }
             Some(Outstanding::Dele) => {
                 // A DELE of a message whose RETR failed fails too; only the RETR is counted.
