@@ -168,8 +168,8 @@ fn mark_dead_survives_restart_and_is_idempotent() {
 #[test]
 fn a_roll_takes_the_zero_filled_spare() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
-    block_on(store.prepare_spare()).unwrap();
-    block_on(store.prepare_spare()).unwrap(); // one spare at a time
+    block_on(store.prepare_spare(|| async {})).unwrap();
+    block_on(store.prepare_spare(|| async {})).unwrap(); // one spare at a time
     let spares = |store: &Store<MemDir>| {
         block_on(store.dir().list())
             .unwrap()
@@ -199,11 +199,11 @@ fn a_young_fallocated_segment_gives_way_to_the_spare_at_once() {
     let first = fill(&store, 1, 100);
     // No spare yet: nothing to switch to.
     assert!(!block_on(store.switch_to_spare_early()).unwrap());
-    block_on(store.prepare_spare()).unwrap();
+    block_on(store.prepare_spare(|| async {})).unwrap();
     assert!(block_on(store.switch_to_spare_early()).unwrap());
     assert_eq!(store.stats().segments_from_spare, 1);
     // The active segment is the zero-filled spare now.
-    block_on(store.prepare_spare()).unwrap();
+    block_on(store.prepare_spare(|| async {})).unwrap();
     assert!(!block_on(store.switch_to_spare_early()).unwrap());
     let second = fill(&store, 1, 100);
     let image = store.dir().cut_power_now();
@@ -214,7 +214,7 @@ fn a_young_fallocated_segment_gives_way_to_the_spare_at_once() {
 #[test]
 fn leftover_spares_are_removed_at_open() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
-    block_on(store.prepare_spare()).unwrap();
+    block_on(store.prepare_spare(|| async {})).unwrap();
     block_on(store.dir().sync()).unwrap(); // the spare's name survives the cut
     let image = store.dir().cut_power_now();
     assert!(image.files.keys().any(|name| spare::is_spare_name(name)));
@@ -437,12 +437,12 @@ fn run_ops(store: &Store<MemDir>, model: &std::cell::RefCell<Model>, ops: &[Op])
                         let _ = store.reclaim().await;
                     }));
                     all.push(Box::pin(async {
-                        let _ = store.prepare_spare().await;
+                        let _ = store.prepare_spare(|| async {}).await;
                     }));
                     join_all(all).await;
                 }
                 Op::PrepareSpare => {
-                    let _ = store.prepare_spare().await;
+                    let _ = store.prepare_spare(|| async {}).await;
                     let _ = store.switch_to_spare_early().await;
                 }
             }
