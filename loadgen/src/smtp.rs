@@ -442,9 +442,24 @@ async fn chunked_transactions(
     buffers: &mut Buffers,
     first: Ticket,
 ) -> Result<(), SessionError> {
+    let mut in_flight = std::collections::VecDeque::with_capacity(CHUNKING_WINDOW);
+    let result = chunked_window(state, conn, buffers, first, &mut in_flight).await;
+    // A broken session leaves its unanswered transactions out of the live count too.
+    Live::sub(&state.live.in_flight, in_flight.len() as u64);
+    result?;
+    quit(conn).await
+}
+
+/// The window of `chunked_transactions`; `in_flight` holds the send times of the unanswered.
+async fn chunked_window(
+    state: &ThreadState,
+    conn: &mut Conn,
+    buffers: &mut Buffers,
+    first: Ticket,
+    in_flight: &mut std::collections::VecDeque<Instant>,
+) -> Result<(), SessionError> {
     let plan = &state.plan;
     let mut first = Some(first);
-    let mut in_flight: std::collections::VecDeque<Instant> = Default::default();
     let mut sent = 0;
     loop {
         if in_flight.len() <= CHUNKING_WINDOW / 2 {
@@ -471,14 +486,15 @@ async fn chunked_transactions(
                 conn.send(&buffers.wire).await?;
             }
         }
-        let Some(started) = in_flight.pop_front() else {
-            break;
+        let Some(&started) = in_flight.front() else {
+            return Ok(());
         };
         let mut refused = None;
         for step in ["MAIL", "RCPT", "BDAT LAST"] {
             let (code, range) = read_reply(conn).await?;
             check_step(conn, step, code, range, &mut refused)?;
         }
+        in_flight.pop_front();
         Live::sub(&state.live.in_flight, 1);
         count_outcome(
             state,
@@ -489,7 +505,6 @@ async fn chunked_transactions(
             started.elapsed(),
         );
     }
-    quit(conn).await
 }
 
 /// Counts one finished transaction.
