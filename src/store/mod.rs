@@ -6,7 +6,8 @@
 //! - [`segment`]: segment names and headers, and the pure scan recovery runs over a segment.
 //! - [`backend`]: the file-system surface (glommio io_uring writes, memmap2 reads) as traits.
 //! - [`memfs`]: an in-memory backend that loses or tears unsynced writes, for tests.
-//! - `log`: appends and group commit; `recovery`: open; `reclaim`: deletion and compaction.
+//! - `log`: appends and group commit; `recovery`: open; `reclaim`: deletion and compaction;
+//!   `spare`: the next segment, zero-filled ahead of time.
 //!
 //! Decisions worth knowing:
 //! - Group commit: one fdatasync round in flight at a time, covering every record whose writes
@@ -26,6 +27,11 @@
 //!   segment. Records reported durable earlier stay readable.
 //! - At open, appends resume after the last valid record of the newest segment (its torn tail
 //!   cleared first); a fresh segment is started only when that one is damaged.
+//! - New segments come from a spare whose zeros were written and synced in the background
+//!   ([`Store::prepare_spare`]): overwriting written blocks changes no file-system metadata, so
+//!   a group commit's fdatasync does not also wait for a journal commit, as it does on the
+//!   unwritten extents `fallocate` leaves. Only when no spare is ready is a segment
+//!   fallocated on the spot.
 
 pub mod backend;
 mod log;
