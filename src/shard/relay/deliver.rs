@@ -34,7 +34,7 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BUFFER_BYTES: usize = 4096;
 
 /// Runs one connection for `domain`, taking jobs from `jobs` until none come for
-/// [`IDLE_LINGER`], [`MESSAGES_PER_CONNECTION`] were sent, the session broke or the shard stops.
+/// `IDLE_LINGER`, `MESSAGES_PER_CONNECTION` were sent, the session broke or the shard stops.
 pub async fn run_connection(shard: &Rc<Shard>, domain: &str, jobs: flume::Receiver<Job>) {
     let Ok(first) = jobs.try_recv() else {
         return;
