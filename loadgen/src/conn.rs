@@ -15,9 +15,6 @@ use thiserror::Error;
 /// A server that neither answers nor closes for this long is counted as broken.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Initial receive buffer; grows for big POP3 messages up to the frame limit.
-const INITIAL_BUFFER_BYTES: usize = 128 * 1024;
-
 /// Why a session ended early. Every variant is counted, none panics.
 #[derive(Debug, Error)]
 pub enum SessionError {
@@ -74,8 +71,14 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects to `target` with Nagle off (we write whole commands ourselves).
-    pub async fn connect(target: SocketAddr, max_frame_bytes: usize) -> Result<Conn, SessionError> {
+    /// Connects to `target` with Nagle off (we write whole commands ourselves). The receive
+    /// buffer starts at `initial_buffer_bytes` and grows, while a frame does not fit, up to
+    /// `max_frame_bytes`.
+    pub async fn connect(
+        target: SocketAddr,
+        initial_buffer_bytes: usize,
+        max_frame_bytes: usize,
+    ) -> Result<Conn, SessionError> {
         let stream = glommio::timer::timeout(IO_TIMEOUT, TcpStream::connect(target))
             .await
             .map_err(SessionError::from)?;
@@ -84,7 +87,7 @@ impl Conn {
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         Ok(Conn {
             stream: Stream::Plain(stream),
-            buffer: vec![0; INITIAL_BUFFER_BYTES],
+            buffer: vec![0; initial_buffer_bytes.min(max_frame_bytes)],
             start: 0,
             end: 0,
             max_frame_bytes,

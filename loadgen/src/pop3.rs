@@ -144,6 +144,10 @@ pub struct Pop3Plan {
     pub pipelining: bool,
 }
 
+/// Initial receive buffer: several 10 KiB responses per read when pipelining (16 KiB held
+/// about one and a half).
+const RECEIVE_BUFFER_BYTES: usize = 128 * 1024;
+
 /// Commands a pipelining session keeps outstanding. Refilled in batches, one write each, when
 /// half of them have been answered.
 pub const PIPELINE_WINDOW: usize = 32;
@@ -292,7 +296,7 @@ async fn open(state: &ThreadState, user: &str) -> Option<Conn> {
     let plan = &state.plan;
     let connect_start = Instant::now();
     let frame_limit = plan.max_message_bytes + MAX_STATUS_LINE_BYTES;
-    match Conn::connect(plan.target, frame_limit).await {
+    match Conn::connect(plan.target, RECEIVE_BUFFER_BYTES, frame_limit).await {
         Ok(conn) => {
             state
                 .stats

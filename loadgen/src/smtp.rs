@@ -19,6 +19,10 @@ use crate::report::{Live, Stats};
 /// Longest reply we buffer; an EHLO reply is a few hundred octets.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 
+/// Initial receive buffer: replies are small, and a connection per message should not pay
+/// for zeroing more.
+const REPLY_BUFFER_BYTES: usize = 16 * 1024;
+
 /// Pause after a failed connect, so a dead server is not hammered in a tight loop.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -249,7 +253,9 @@ async fn connection_loop(state: Rc<ThreadState>) {
     // connection waits for it in its latency, and no connection is opened for nothing.
     while let Some(first) = next_arrival(&state).await {
         let connect_start = Instant::now();
-        let mut conn = match Conn::connect(state.plan.target, MAX_REPLY_BYTES).await {
+        let mut conn = match Conn::connect(state.plan.target, REPLY_BUFFER_BYTES, MAX_REPLY_BYTES)
+            .await
+        {
             Ok(conn) => conn,
             Err(error) => {
                 state.stats.borrow_mut().connect_errors += 1;
