@@ -96,21 +96,24 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
     };
     let mut maildrop: Option<HeldMaildrop> = None;
     let mut read_ahead = ReadAhead::default();
+    let mut outbox = Outbox::default();
     let idle_timeout = config.pop3.idle_timeout;
 
     loop {
         if !session.output().is_empty() {
-            if write_all(&mut stream, session.output(), WRITE_TIMEOUT)
-                .await
-                .is_err()
-            {
-                break;
-            }
             let n = session.output().len();
+            outbox.push_copy(session.output());
             shard.metrics.pop3.sent(n);
             session.output_consumed(n);
         }
-        match session.poll_action() {
+        let action = session.poll_action();
+        // Pipelined RETRs pile up in the outbox and leave in one sendmsg; anything else, or a
+        // full outbox, sends what is there first.
+        let batching = matches!(action, Action::SendMessage { .. }) && !outbox.is_full();
+        if !batching && outbox.flush(&mut stream).await.is_err() {
+            break;
+        }
+        match action {
             Action::Idle => {
                 // Long replies are produced as output drains: flush before anything else.
                 if !session.output().is_empty() {
@@ -181,9 +184,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 session.mailbox_opened(result);
             }
             Action::SendMessage { key, top_lines } => {
-                if send_message(
+                if queue_message(
                     &shard,
-                    &mut stream,
+                    &mut outbox,
                     &mut session,
                     &mut read_ahead,
                     key,
@@ -223,14 +226,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 };
                 session.tls_started();
             }
-            Action::Close => {
-                let n = session.output().len();
-                if n > 0 {
-                    let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
-                    session.output_consumed(n);
-                }
-                break;
-            }
+            // The goodbye already left with the outbox.
+            Action::Close => break,
         }
     }
     drop(maildrop);
@@ -343,11 +340,76 @@ impl ReadAhead {
     }
 }
 
-/// RETR/TOP: the session queued the `+OK` line; send `Return-Path:`, then the stored bytes
-/// straight from the memory map — no copy in user space — then the terminating dot.
-async fn send_message<S: AsyncWrite + Unpin>(
+/// What a session has answered but not yet written: reply lines (copied, they are small) and
+/// messages (handles on the log's memory map, not copies), sent together with one `sendmsg`.
+#[derive(Default)]
+struct Outbox {
+    pieces: Vec<Piece>,
+    bytes: usize,
+}
+
+enum Piece {
+    Copied(Vec<u8>),
+    Fixed(&'static [u8]),
+    Stored(RecordRef, std::ops::Range<usize>),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Copied(bytes) => bytes,
+            Piece::Fixed(bytes) => bytes,
+            Piece::Stored(record, range) => &record[range.clone()],
+        }
+    }
+}
+
+/// Bytes an outbox gathers before it is sent: a few dozen 10 KiB messages, about what a
+/// loopback socket takes in one call.
+const OUTBOX_MAX_BYTES: usize = 256 * 1024;
+/// Pieces an outbox gathers before it is sent, well below the kernel's 1024 iovecs a call.
+const OUTBOX_MAX_PIECES: usize = 256;
+
+impl Outbox {
+    fn push_copy(&mut self, bytes: &[u8]) {
+        // A reply behind a reply joins it rather than taking another iovec.
+        if let Some(Piece::Copied(last)) = self.pieces.last_mut() {
+            last.extend_from_slice(bytes);
+        } else {
+            self.pieces.push(Piece::Copied(bytes.to_vec()));
+        }
+        self.bytes += bytes.len();
+    }
+
+    fn push(&mut self, piece: Piece) {
+        self.bytes += piece.bytes().len();
+        self.pieces.push(piece);
+    }
+
+    fn is_full(&self) -> bool {
+        self.bytes >= OUTBOX_MAX_BYTES || self.pieces.len() + 3 > OUTBOX_MAX_PIECES
+    }
+
+    /// Writes everything gathered, in order, and empties the outbox.
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> std::io::Result<()> {
+        if self.pieces.is_empty() {
+            return Ok(());
+        }
+        let slices: Vec<&[u8]> = self.pieces.iter().map(Piece::bytes).collect();
+        write_all_vectored(stream, &slices, WRITE_TIMEOUT).await?;
+        // A TLS stream holds its records until flushed; a plain one has nothing to flush.
+        futures_lite::AsyncWriteExt::flush(stream).await?;
+        self.pieces.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// RETR/TOP: the session queued the `+OK` line; queue it with `Return-Path:`, then the stored
+/// bytes straight from the memory map — no copy in user space — then the terminating dot.
+async fn queue_message(
     shard: &Rc<Shard>,
-    stream: &mut S,
+    outbox: &mut Outbox,
     session: &mut Session,
     read_ahead: &mut ReadAhead,
     key: MessageKey,
@@ -359,30 +421,30 @@ async fn send_message<S: AsyncWrite + Unpin>(
         .map_err(std::io::Error::other)?;
     let (mail_from, stored) =
         envelope::decode_for_retrieval(&record).map_err(std::io::Error::other)?;
-    let stored = &record[stored];
     let stored = match top_lines {
-        Some(lines) => &stored[..crate::pop3::top_len(stored, lines)],
+        Some(lines) => {
+            stored.start..stored.start + crate::pop3::top_len(&record[stored.clone()], lines)
+        }
         None => stored,
     };
     // A cold segment would fault inside send() and stall every connection of the shard.
     record.prefetch();
-    // The +OK line and Return-Path go out in one small write before the stored bytes.
     let status = session.output();
     let mut head = Vec::with_capacity(status.len() + RETURN_PATH_OVERHEAD + mail_from.len());
     head.extend_from_slice(status);
-    session.output_consumed(head.len());
+    session.output_consumed(status.len());
     write_return_path_line(&mut head, mail_from);
-    let tail: &[u8] = if stored.is_empty() || stored.ends_with(b"\r\n") {
+    let ends_with_crlf = record[stored.clone()].ends_with(b"\r\n");
+    let tail: &'static [u8] = if stored.is_empty() || ends_with_crlf {
         b".\r\n"
     } else {
         b"\r\n.\r\n"
     };
-    // One sendmsg: the reply line, the stored bytes read in place from the map, the dot.
-    write_all_vectored(stream, &[&head, stored, tail], WRITE_TIMEOUT).await?;
-    shard
-        .metrics
-        .pop3
-        .sent(head.len() + stored.len() + tail.len());
+    let sent = head.len() + stored.len() + tail.len();
+    outbox.push(Piece::Copied(head));
+    outbox.push(Piece::Stored(record, stored));
+    outbox.push(Piece::Fixed(tail));
+    shard.metrics.pop3.sent(sent);
     Ok(())
 }
 
