@@ -360,6 +360,9 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ShardError> {
         Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(listen_error)?;
     socket.set_reuse_address(true).map_err(listen_error)?;
     socket.set_reuse_port(true).map_err(listen_error)?;
+    // Accepted sockets inherit it: replies are whole writes, and Nagle would hold back a
+    // reply behind an unacknowledged one. Set once here instead of once per connection.
+    socket.set_nodelay(true).map_err(listen_error)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true).map_err(listen_error)?;
     }
@@ -391,7 +394,6 @@ async fn serve_connection(shard: Rc<Shard>, kind: ListenerKind, stream: TcpStrea
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
-    let _ = stream.set_nodelay(true);
     let stream = stream::ConnStream::Plain(stream);
     match kind {
         ListenerKind::Smtp | ListenerKind::Submission | ListenerKind::SmtpTls => {
