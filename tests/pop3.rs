@@ -309,3 +309,62 @@ fn a_silent_pop3_client_is_logged_out_after_the_idle_timeout() {
     let mut again = login(server.addr("pop3"), "alice@example.test");
     assert!(again.command("QUIT").starts_with("+OK"));
 }
+
+/// Pipelined commands answered in order: replies and messages that leave together in one
+/// `sendmsg` (the outbox) must still come out exactly as one command at a time would.
+#[test]
+fn pipelined_commands_are_answered_in_order_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 2, "", ""));
+    let bodies: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            let mut body = format!("Subject: pipelined {i}\r\n\r\n..dotted {i}\r\n").into_bytes();
+            // Mixed sizes, so some outboxes fill up and flush between messages.
+            body.extend(std::iter::repeat_n(b'x', (i % 7) * 9000));
+            body.extend_from_slice(b"\r\nlast line\r\n");
+            body
+        })
+        .collect();
+    for body in &bodies {
+        let reply = send_mail(
+            server.addr("smtp"),
+            "s@remote.test",
+            &["bob@example.test"],
+            body,
+        );
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    let one_at_a_time = pop3_retrieve_all(server.addr("pop3"), "bob@example.test");
+    assert_eq!(one_at_a_time.len(), bodies.len());
+
+    let mut c = login(server.addr("pop3"), "bob@example.test");
+    let mut batch = String::new();
+    for n in 1..=bodies.len() {
+        batch.push_str(&format!("RETR {n}\r\nNOOP\r\n"));
+        if n % 10 == 0 {
+            batch.push_str(&format!("TOP {n} 0\r\nSTAT\r\n"));
+        }
+    }
+    batch.push_str("QUIT\r\n");
+    c.send(batch.as_bytes());
+    for n in 1..=bodies.len() {
+        let status = c.line();
+        assert!(status.starts_with("+OK"), "RETR {n}: {status}");
+        let message = c.pop3_multiline();
+        assert_eq!(message, one_at_a_time[n - 1], "RETR {n}");
+        assert!(message.ends_with(&bodies[n - 1]), "RETR {n}");
+        assert!(c.line().starts_with("+OK"), "NOOP after RETR {n}");
+        if n % 10 == 0 {
+            assert!(c.line().starts_with("+OK"), "TOP {n}");
+            let head = c.pop3_multiline();
+            let subject = format!("Subject: pipelined {}\r\n\r\n", n - 1);
+            assert!(head.ends_with(subject.as_bytes()), "TOP {n}");
+            let stat = c.line();
+            assert!(
+                stat.starts_with(&format!("+OK {} ", bodies.len())),
+                "{stat}"
+            );
+        }
+    }
+    assert!(c.line().starts_with("+OK"), "QUIT");
+}
