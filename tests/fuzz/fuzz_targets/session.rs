@@ -21,11 +21,13 @@ fuzz_target!(|data: &[u8]| {
         max_message_size: 2000,
         max_recipients: 3,
         directory: Rc::new(directory),
+        starttls_available: read_size % 3 == 0,
     });
     let peer = PeerInfo {
         addr: "192.0.2.1:1".parse().expect("address"),
         relay_allowed: read_size % 2 == 0,
         tls: false,
+        auth_required: read_size % 5 == 0,
     };
     let mut session = Session::new(params, peer);
     let mut rest = input;
@@ -54,6 +56,9 @@ fuzz_target!(|data: &[u8]| {
                 queue_id += 1;
                 session.message_stored(Ok(format!("Q{queue_id}")));
             }
+            // The handshake "succeeds" at once; AUTH is right for every other attempt.
+            Action::StartTls => session.tls_started(),
+            Action::Authenticate { user, .. } => session.auth_checked(user.len() % 2 == 0),
             Action::Idle => {
                 if rest.is_empty() {
                     session.peer_closed();
