@@ -8,9 +8,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -243,78 +241,6 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     with_timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream)).await
 }
 
-/// An outbound (relay) connection: plain TCP, or TLS after the MX accepted STARTTLS.
-pub enum OutboundStream {
-    /// Plain TCP.
-    Plain(glommio::net::TcpStream),
-    /// Client-side TLS over TCP; boxed because the rustls state is large.
-    Tls(Box<futures_rustls::client::TlsStream<glommio::net::TcpStream>>),
-}
-
-impl OutboundStream {
-    /// Whether the bytes are encrypted.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, OutboundStream::Tls(_))
-    }
-
-    /// Runs the client handshake after the MX's 220 to STARTTLS (see [`connect`]). On error
-    /// the connection is gone: reconnect in plain text (`relay::client` module docs).
-    pub async fn start_tls(
-        self,
-        config: Arc<ClientConfig>,
-        mx_host: &str,
-    ) -> Result<OutboundStream, HandshakeError> {
-        match self {
-            OutboundStream::Plain(tcp) => Ok(OutboundStream::Tls(Box::new(
-                connect(config, mx_host, tcp).await?,
-            ))),
-            OutboundStream::Tls(_) => Err(HandshakeError::Failed(io::Error::other(
-                "TLS is already active",
-            ))),
-        }
-    }
-}
-
-impl AsyncRead for OutboundStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for OutboundStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            OutboundStream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
-            OutboundStream::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
-        }
-    }
-}
-
 /// Accepts any certificate but still checks that the handshake signatures are genuine, so the
 /// session keys are those of whoever holds the presented key.
 #[derive(Debug)]
@@ -537,6 +463,7 @@ mod tests {
         use crate::relay::client::{
             data_terminator, ClientAction, OutgoingMessage, RecipientOutcome, SmtpClient, TlsStatus,
         };
+        use crate::shard::stream::OutboundStream;
 
         /// How the fake MX treats STARTTLS.
         #[derive(Clone, Copy, PartialEq)]

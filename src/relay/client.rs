@@ -18,7 +18,7 @@
 //! # Opportunistic STARTTLS (RFC 3207, RFC 7435)
 //!
 //! A client made with [`SmtpClient::opportunistic_tls`] sends STARTTLS after EHLO when the
-//! MX offers it. The delivery loop then does this (`OutboundStream` is in `crate::tls`):
+//! MX offers it. The delivery loop then does this (`OutboundStream` is in `crate::shard::stream`):
 //!
 //! ```text
 //! let tls_config = tls::client_config(CertificatePolicy::Unverified)?;   // once per shard

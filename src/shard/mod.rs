@@ -16,7 +16,7 @@ mod pop3_conn;
 mod recovery;
 pub mod relay;
 mod smtp_conn;
-mod stream;
+pub mod stream;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;

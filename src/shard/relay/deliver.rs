@@ -19,7 +19,7 @@ use crate::relay::client::{
 };
 use crate::relay::nexthop::{hop_targets, route_for_domain, smarthost_route, HopTargets, Route};
 use crate::shard::conn::{read_some, write_all, ReadOutcome};
-use crate::tls::OutboundStream;
+use crate::shard::stream::OutboundStream;
 
 /// How long an idle connection waits for more mail for its domain before QUIT: mail that
 /// trickles in (one client sending message after message) still shares a connection.
