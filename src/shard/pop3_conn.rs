@@ -372,13 +372,22 @@ const OUTBOX_MAX_PIECES: usize = 256;
 
 impl Outbox {
     fn push_copy(&mut self, bytes: &[u8]) {
-        // A reply behind a reply joins it rather than taking another iovec.
-        if let Some(Piece::Copied(last)) = self.pieces.last_mut() {
-            last.extend_from_slice(bytes);
-        } else {
-            self.pieces.push(Piece::Copied(bytes.to_vec()));
+        self.copy_with(|out| out.extend_from_slice(bytes));
+    }
+
+    /// Lets `write` append to the copied bytes at the end of the outbox: reply lines and a
+    /// message's `Return-Path:` join the copy before them rather than taking an allocation
+    /// and an iovec each.
+    fn copy_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        if !matches!(self.pieces.last(), Some(Piece::Copied(_))) {
+            self.pieces.push(Piece::Copied(Vec::new()));
         }
-        self.bytes += bytes.len();
+        let Some(Piece::Copied(last)) = self.pieces.last_mut() else {
+            unreachable!("a copied piece was just ensured");
+        };
+        let before = last.len();
+        write(last);
+        self.bytes += last.len() - before;
     }
 
     fn push(&mut self, piece: Piece) {
@@ -429,19 +438,19 @@ async fn queue_message(
     };
     // A cold segment would fault inside send() and stall every connection of the shard.
     record.prefetch();
-    let status = session.output();
-    let mut head = Vec::with_capacity(status.len() + RETURN_PATH_OVERHEAD + mail_from.len());
-    head.extend_from_slice(status);
-    session.output_consumed(status.len());
-    write_return_path_line(&mut head, mail_from);
+    // The +OK line (when the loop has not taken it already) and Return-Path, as copies.
+    let status_len = session.output().len();
+    outbox.push_copy(session.output());
+    session.output_consumed(status_len);
+    outbox.copy_with(|out| write_return_path_line(out, mail_from));
+    let head_len = status_len + RETURN_PATH_OVERHEAD + mail_from.len();
     let ends_with_crlf = record[stored.clone()].ends_with(b"\r\n");
     let tail: &'static [u8] = if stored.is_empty() || ends_with_crlf {
         b".\r\n"
     } else {
         b"\r\n.\r\n"
     };
-    let sent = head.len() + stored.len() + tail.len();
-    outbox.push(Piece::Copied(head));
+    let sent = head_len + stored.len() + tail.len();
     outbox.push(Piece::Stored(record, stored));
     outbox.push(Piece::Fixed(tail));
     shard.metrics.pop3.sent(sent);
