@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{pop3_retrieve_all, send_mail, Server, PW_HASH};
+use common::{mail_config, pop3_retrieve_all, send_mail, Server};
 
 /// The fake DNS, served by a glommio executor of its own; `tcp_queries` mirrors its count.
 struct Dns {
@@ -241,6 +241,20 @@ fn serve_lines<S: std::io::Read + Write>(
 }
 
 /// The zone most tests use: far.test has one MX, mx1.far.test, on 127.0.0.2.
+/// An MX that refuses every recipient whose local part starts with "nobody".
+fn refusing_nobody() -> Script {
+    Script {
+        rcpt: Arc::new(|rcpt, _| {
+            if rcpt.starts_with("nobody") {
+                "550 5.1.1 no such user".into()
+            } else {
+                "250 2.1.5 ok".into()
+            }
+        }),
+        ..Script::default()
+    }
+}
+
 fn far_test_zone() -> fake_dns::Zone {
     let mut zone = fake_dns::Zone::default();
     zone.mx("far.test", &[(10, "mx1.far.test")]);
@@ -257,32 +271,14 @@ fn free_relay_port() -> u16 {
         .port()
 }
 
+/// `mail_config` with its relay pointed at the fake DNS and MX port, and quick retries.
 fn relay_config(dir: &Path, dns: SocketAddr, port: u16, extra_relay: &str) -> String {
-    let users: String = ["alice", "bob"]
-        .iter()
-        .map(|u| {
-            format!("[[users]]\naddress = \"{u}@example.test\"\npassword_hash = \"{PW_HASH}\"\n")
-        })
-        .collect();
-    format!(
-        r#"hostname = "mx.ringmail.test"
-data_dir = "{data}"
-shards = 2
-shutdown_grace_secs = 5
-local_domains = ["example.test"]
-{users}
-[smtp]
-listen = ["127.0.0.1:0"]
-[pop3]
-listen = ["127.0.0.1:0"]
-[relay]
-resolver = "{dns}"
-port = {port}
-connect_timeout_secs = 2
-retry_schedule_secs = [0.2]
-{extra_relay}
-"#,
-        data = dir.join("data").display(),
+    mail_config(dir, 2, "", "").replace(
+        "[relay]\nresolver = \"127.0.0.1:53535\"\n",
+        &format!(
+            "[relay]\nresolver = \"{dns}\"\nport = {port}\nconnect_timeout_secs = 2\n\
+             retry_schedule_secs = [0.2]\n{extra_relay}\n"
+        ),
     )
 }
 
@@ -429,20 +425,7 @@ fn a_4xx_is_retried_and_then_delivered() {
 fn a_5xx_bounces_with_a_dsn_in_the_local_senders_mailbox() {
     let port = free_relay_port();
     let dns = start_dns(far_test_zone());
-    let mx = start_mx(
-        "127.0.0.2",
-        port,
-        Script {
-            rcpt: Arc::new(|rcpt, _| {
-                if rcpt.starts_with("nobody") {
-                    "550 5.1.1 no such user".into()
-                } else {
-                    "250 2.1.5 ok".into()
-                }
-            }),
-            ..Script::default()
-        },
-    );
+    let mx = start_mx("127.0.0.2", port, refusing_nobody());
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
     let reply = send_mail(
@@ -720,20 +703,7 @@ fn eight_bit_and_utf8_mail_bounces_at_a_hop_that_lacks_the_extension() {
 fn a_remote_senders_bounce_is_relayed_from_the_null_sender() {
     let port = free_relay_port();
     let dns = start_dns(far_test_zone());
-    let mx = start_mx(
-        "127.0.0.2",
-        port,
-        Script {
-            rcpt: Arc::new(|rcpt, _| {
-                if rcpt.starts_with("nobody") {
-                    "550 5.1.1 no such user".into()
-                } else {
-                    "250 2.1.5 ok".into()
-                }
-            }),
-            ..Script::default()
-        },
-    );
+    let mx = start_mx("127.0.0.2", port, refusing_nobody());
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
     let reply = send_mail(
