@@ -74,6 +74,31 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
+/// Appends `records` records of `size` bytes to `store` from `appenders` concurrent tasks and
+/// waits until every one is durable.
+async fn append_concurrently(store: &Rc<Store>, appenders: usize, records: u64, size: usize) {
+    let remaining = Rc::new(Cell::new(records));
+    let tasks: Vec<_> = (0..appenders)
+        .map(|_| {
+            let (store, remaining) = (store.clone(), remaining.clone());
+            glommio::spawn_local(async move {
+                while remaining.get() > 0 {
+                    remaining.set(remaining.get() - 1);
+                    let id = store.allocate_id();
+                    // A fresh buffer per record, as SMTP DATA would hand over.
+                    store
+                        .append(id, 1, vec![vec![0x61; size]])
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+}
+
 /// Runs `records` durable appends of `size` bytes from `appenders` concurrent tasks on one
 /// fresh log; returns (time, fdatasyncs).
 fn run_appends(size: usize, appenders: usize, records: u64, opts: StoreOptions) -> (Duration, u64) {
@@ -86,27 +111,8 @@ fn run_appends(size: usize, appenders: usize, records: u64, opts: StoreOptions) 
             .await
             .expect("open");
         let store = Rc::new(store);
-        let remaining = Rc::new(Cell::new(records));
         let started = Instant::now();
-        let tasks: Vec<_> = (0..appenders)
-            .map(|_| {
-                let (store, remaining) = (store.clone(), remaining.clone());
-                glommio::spawn_local(async move {
-                    while remaining.get() > 0 {
-                        remaining.set(remaining.get() - 1);
-                        let id = store.allocate_id();
-                        // A fresh buffer per record, as SMTP DATA would hand over.
-                        store
-                            .append(id, 1, vec![vec![0x61; size]])
-                            .await
-                            .expect("append");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await;
-        }
+        append_concurrently(&store, appenders, records, size).await;
         let elapsed = started.elapsed();
         let fdatasyncs = store.stats().fdatasyncs;
         drop(store);
@@ -171,27 +177,8 @@ fn prepare_log(path: PathBuf, size_mib: u64) {
         let (store, _) = Store::open(&path, StoreOptions::default())
             .await
             .expect("open");
-        let store = Rc::new(store);
         let records = size_mib * 1024 * 1024 / (10 * KIB as u64);
-        let remaining = Rc::new(Cell::new(records));
-        let tasks: Vec<_> = (0..64)
-            .map(|_| {
-                let (store, remaining) = (store.clone(), remaining.clone());
-                glommio::spawn_local(async move {
-                    while remaining.get() > 0 {
-                        remaining.set(remaining.get() - 1);
-                        let id = store.allocate_id();
-                        store
-                            .append(id, 1, vec![vec![0x61; 10 * KIB]])
-                            .await
-                            .expect("append");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await;
-        }
+        append_concurrently(&Rc::new(store), 64, records, 10 * KIB).await;
     })
 }
 
