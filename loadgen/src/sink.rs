@@ -943,6 +943,20 @@ mod tests {
             "{replies}"
         );
         assert_eq!(counts.too_big, 1);
+
+        // The same over BDAT, split across two chunks: the whole is what counts.
+        let mut input = b"MAIL FROM:<>\r\nRCPT TO:<a@b>\r\nBDAT 600\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 600));
+        input.extend_from_slice(b"BDAT 600 LAST\r\n");
+        input.extend(std::iter::repeat_n(b'y', 600));
+        input.extend_from_slice(b"NOOP\r\n");
+        let mut counts = Counts::default();
+        let (replies, _) = run(&mut Session::new(policy(true)), &input, &mut counts);
+        assert!(
+            replies.ends_with("552 5.3.4 Message too big\r\n250 2.0.0 Ok\r\n"),
+            "{replies}"
+        );
+        assert_eq!((counts.too_big, counts.accepted), (1, 0));
     }
 
     /// Runs `fate` over `n` transactions and returns (tempfailed, permfailed).

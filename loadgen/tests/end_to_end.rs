@@ -614,3 +614,80 @@ fn pop3_pipelines_only_where_capa_says_so() {
         }
     }
 }
+
+/// An SMTP server on a thread that offers PIPELINING but not CHUNKING and serves one
+/// connection: returns its address and a handle yielding (messages accepted, BDAT seen).
+fn fake_smtp_without_chunking() -> (String, std::thread::JoinHandle<(u32, bool)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        writer.write_all(b"220 fake ESMTP\r\n").unwrap();
+        let (mut accepted, mut bdat_seen, mut in_data) = (0, false, false);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                return (accepted, bdat_seen);
+            }
+            if in_data {
+                if line == ".\r\n" {
+                    in_data = false;
+                    accepted += 1;
+                    writer.write_all(b"250 2.0.0 queued\r\n").unwrap();
+                }
+                continue;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-fake\r\n250 PIPELINING\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                }
+                "BDAT" => {
+                    bdat_seen = true;
+                    b"500 5.5.1 not offered\r\n"
+                }
+                "QUIT" => {
+                    writer.write_all(b"221 bye\r\n").unwrap();
+                    return (accepted, bdat_seen);
+                }
+                _ => b"250 ok\r\n",
+            };
+            writer.write_all(reply).unwrap();
+        }
+    });
+    (addr, server)
+}
+
+#[test]
+fn chunking_falls_back_to_data_where_chunking_is_not_offered() {
+    let (addr, server) = fake_smtp_without_chunking();
+    let out = run(&[
+        "smtp",
+        "--target",
+        &addr,
+        "--connections",
+        "1",
+        "--threads",
+        "1",
+        "--messages",
+        "5",
+        "--to",
+        "u@x.test",
+        "--chunking",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.join().unwrap(), (5, false));
+}

@@ -212,6 +212,32 @@ fn a_young_fallocated_segment_gives_way_to_the_spare_at_once() {
 }
 
 #[test]
+fn a_spare_that_fails_to_sync_is_removed_and_rolls_do_without() {
+    // fdatasync 1 makes the first segment durable at open; 2 is the spare's zeros.
+    let faults = Faults {
+        fail_fdatasync_at: Some(2),
+        ..Faults::default()
+    };
+    let (store, _) = open(&CrashImage::default(), faults);
+    assert!(block_on(store.prepare_spare(|| async {})).is_err());
+    let names = block_on(store.dir().list()).unwrap();
+    assert!(
+        !names.iter().any(|name| spare::is_spare_name(name)),
+        "{names:?}"
+    );
+    block_on(store.spare_wanted()); // nothing ready, nothing being made
+    let ids = fill(&store, 3, 1500);
+    let stats = store.stats();
+    assert_eq!((stats.segments_created, stats.segments_from_spare), (2, 0));
+    let image = store.dir().cut_power_now();
+    let (_, recovered) = open(&image, Faults::default());
+    assert_eq!(
+        recovered_ids(&recovered),
+        ids.iter().map(|id| id.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
 fn leftover_spares_are_removed_at_open() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
     block_on(store.prepare_spare(|| async {})).unwrap();
