@@ -5,6 +5,7 @@
 //! Reply parsing is a pure function; the async code only moves bytes and counts.
 
 use std::cell::{Cell, RefCell};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -481,9 +482,8 @@ async fn chunked_window(
                 buffers.wire.extend_from_slice(plan.from.as_bytes());
                 buffers.wire.extend_from_slice(b">\r\nRCPT TO:<");
                 buffers.wire.extend_from_slice(to.as_bytes());
-                buffers.wire.extend_from_slice(
-                    format!(">\r\nBDAT {} LAST\r\n", buffers.raw.len()).as_bytes(),
-                );
+                // Writing into a Vec cannot fail.
+                let _ = write!(buffers.wire, ">\r\nBDAT {} LAST\r\n", buffers.raw.len());
                 buffers.wire.extend_from_slice(&buffers.raw);
                 in_flight.push_back(Instant::now());
             }
