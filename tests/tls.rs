@@ -138,7 +138,7 @@ fn read_to_end(stream: &mut std::net::TcpStream) -> Vec<u8> {
 }
 
 const SUBMIT_AND_FETCH: &str = r#"
-import smtplib, poplib, ssl, sys
+import smtplib, poplib, socket, ssl, sys
 sub, smtps, pop3s, pop3, ca = sys.argv[1:6]
 ctx = ssl.create_default_context(cafile=ca)
 def hp(a):
@@ -173,6 +173,21 @@ p.quit()
 assert len(msgs) == 2, msgs
 assert any(b"with ESMTPSA" in m and b"via submission" in m for m in msgs), msgs
 assert any(b"with ESMTPSA" in m and b"via 465" in m for m in msgs), msgs
+# Pipelined over implicit TLS: every command in one write, the answers in order.
+with socket.create_connection(hp(pop3s)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as t:
+    t.sendall(b"USER bob@example.test\r\nPASS pw\r\nRETR 1\r\nNOOP\r\nRETR 2\r\nQUIT\r\n")
+    got = b""
+    while True:
+        chunk = t.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+# greeting, USER, PASS, +OK and message 1, NOOP, +OK and message 2, QUIT's +OK
+parts = got.split(b"\r\n.\r\n")
+assert len(parts) == 3, got
+assert parts[0].startswith(b"+OK") and parts[0].endswith(msgs[0]), got
+assert parts[1].startswith(b"+OK") and parts[1].endswith(msgs[1]), got
+assert parts[2].startswith(b"+OK") and parts[2].endswith(b"\r\n"), got
 p = poplib.POP3(*hp(pop3))
 assert "STLS" in p.capa(), p.capa()
 p.stls(context=ctx)
