@@ -61,8 +61,8 @@ pub async fn write_all<S: AsyncWrite + Unpin>(
 }
 
 /// Writes every piece, in order, with as few system calls as the socket allows (one, unless
-/// it is full): used to send a reply line, stored message bytes and a terminator together
-/// without first copying them into one buffer.
+/// it is full), then flushes: used to send reply lines, stored message bytes and terminators
+/// together without first copying them into one buffer.
 pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
     stream: &mut S,
     pieces: &[&[u8]],
@@ -92,7 +92,8 @@ pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
             }
             offset += written;
         }
-        Ok(())
+        // Like `write_all`: a TLS stream holds its records until flushed.
+        stream.flush().await.map_err(glommio::GlommioError::IoError)
     })
     .await
     .map_err(|e| match e {

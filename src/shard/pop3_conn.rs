@@ -18,6 +18,7 @@ use crate::envelope::{self, Outcome};
 use crate::limits::Refusal;
 use crate::mailbox::{OpenRefusal, SessionId};
 use crate::pop3::{Action, MessageKey, OpenFailure, PeerInfo, Session};
+use crate::relay::client::data_terminator;
 use crate::routing::owner_shard;
 use crate::server::ListenerKind;
 use crate::store::{RecordId, RecordRef};
@@ -406,8 +407,6 @@ impl Outbox {
         }
         let slices: Vec<&[u8]> = self.pieces.iter().map(Piece::bytes).collect();
         write_all_vectored(stream, &slices, WRITE_TIMEOUT).await?;
-        // A TLS stream holds its records until flushed; a plain one has nothing to flush.
-        futures_lite::AsyncWriteExt::flush(stream).await?;
         self.pieces.clear();
         self.bytes = 0;
         Ok(())
@@ -444,12 +443,7 @@ async fn queue_message(
     session.output_consumed(status_len);
     outbox.copy_with(|out| write_return_path_line(out, mail_from));
     let head_len = status_len + RETURN_PATH_OVERHEAD + mail_from.len();
-    let ends_with_crlf = record[stored.clone()].ends_with(b"\r\n");
-    let tail: &'static [u8] = if stored.is_empty() || ends_with_crlf {
-        b".\r\n"
-    } else {
-        b"\r\n.\r\n"
-    };
+    let tail = data_terminator(&record[stored.end.saturating_sub(2).max(stored.start)..stored.end]);
     let sent = head_len + stored.len() + tail.len();
     outbox.push(Piece::Stored(record, stored));
     outbox.push(Piece::Fixed(tail));

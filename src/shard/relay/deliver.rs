@@ -18,7 +18,7 @@ use crate::relay::client::{
     Reply, ReplyClass, SmtpClient,
 };
 use crate::relay::nexthop::{hop_targets, route_for_domain, smarthost_route, HopTargets, Route};
-use crate::shard::conn::{read_some, write_all, ReadOutcome};
+use crate::shard::conn::{read_some, write_all, write_all_vectored, ReadOutcome};
 use crate::shard::stream::OutboundStream;
 
 /// How long an idle connection waits for more mail for its domain before QUIT: mail that
@@ -359,20 +359,15 @@ impl Session {
                     }
                 }
                 Some(ClientAction::SendBody) => {
+                    // The stored bytes (folded where a line is too long) and the terminator,
+                    // straight from the log's map, in one sendmsg.
                     let body = body.unwrap_or_default();
-                    let mut result = Ok(());
-                    for piece in body_pieces(body) {
-                        result = write_all(&mut self.stream, piece, WRITE_TIMEOUT).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    if result.is_ok() {
-                        let tail = &body[body.len().saturating_sub(2)..];
-                        result =
-                            write_all(&mut self.stream, data_terminator(tail), WRITE_TIMEOUT).await;
-                    }
-                    if let Err(e) = result {
+                    let tail = &body[body.len().saturating_sub(2)..];
+                    let pieces: Vec<&[u8]> =
+                        body_pieces(body).chain([data_terminator(tail)]).collect();
+                    if let Err(e) =
+                        write_all_vectored(&mut self.stream, &pieces, WRITE_TIMEOUT).await
+                    {
                         self.broken(e);
                     }
                 }
