@@ -349,6 +349,42 @@ fn a_relayed_message_reaches_the_mx_byte_exact() {
     assert_eq!(mx.connections.load(Ordering::SeqCst), 1);
 }
 
+/// A line longer than SMTP allows (RFC 5321 §4.5.3.1.6) goes out folded: cut before every
+/// 999th octet with CRLF SPACE, the body's bytes otherwise unchanged and in order.
+#[test]
+fn an_over_long_line_is_folded_on_the_way_out() {
+    let port = free_relay_port();
+    let dns = start_dns(far_test_zone());
+    let mx = start_mx("127.0.0.2", port, Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let long: Vec<u8> = (0..2500).map(|i| b'a' + (i % 26) as u8).collect();
+    let body = [b"Subject: long\r\n\r\n".as_slice(), &long, b"\r\nshort\r\n"].concat();
+    let reply = send_mail(
+        server.addr("smtp"),
+        "alice@example.test",
+        &["bob@far.test"],
+        &body,
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    wait_until(Duration::from_secs(10), "delivery", || {
+        !accepted(&mx).is_empty()
+    });
+    let data = accepted(&mx).remove(0).data;
+    for line in data.split(|&b| b == b'\n') {
+        assert!(
+            line.len() <= 999,
+            "a line of {} octets went out",
+            line.len()
+        );
+    }
+    let unfolded: Vec<u8> = String::from_utf8(data)
+        .unwrap()
+        .replace("\r\n ", "")
+        .into_bytes();
+    assert!(unfolded.ends_with(&body), "folding changed the body");
+}
+
 #[test]
 fn the_second_mx_takes_over_when_the_first_is_down_or_answers_421() {
     let port = free_relay_port();
