@@ -39,3 +39,5 @@ pub mod smtp;
 pub mod store;
 pub mod throttle;
 pub mod tls;
+#[cfg(test)]
+mod transcript;

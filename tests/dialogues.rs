@@ -4,37 +4,12 @@
 //! `STORED:` are checked through POP3.
 
 mod common;
+#[path = "../src/transcript.rs"]
+mod transcript;
 
 use common::{LineClient, Server, PW_HASH};
 use std::path::Path;
-
-fn unescape(text: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 1 < bytes.len() {
-            i += 1;
-            match bytes[i] {
-                b'r' => out.push(b'\r'),
-                b'n' => out.push(b'\n'),
-                b't' => out.push(b'\t'),
-                b'0' => out.push(0),
-                b'\\' => out.push(b'\\'),
-                b'x' => {
-                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
-                    out.push(u8::from_str_radix(hex, 16).unwrap());
-                    i += 2;
-                }
-                other => panic!("unknown escape \\{}", other as char),
-            }
-        } else {
-            out.push(bytes[i]);
-        }
-        i += 1;
-    }
-    out
-}
+use transcript::unescape;
 
 fn config(dir: &Path, relay: bool) -> String {
     format!(
@@ -88,7 +63,7 @@ fn replay(file: &Path) {
             bytes.extend_from_slice(b"\r\n");
             client.send(&bytes);
         } else if let Some(text) = line.strip_prefix("R: ") {
-            client.send(&unescape(text));
+            client.send(&unescape(text).expect("valid escapes"));
         } else if let Some(prefix) = line.strip_prefix("S: ") {
             let mut got = client.line();
             // The dialogues assume a client off loopback; this one is on loopback, where
@@ -133,7 +108,7 @@ fn replay(file: &Path) {
                 .collect();
             assert_eq!(ids.len(), n, "{at}");
         } else if let Some(body) = line.strip_prefix("M:") {
-            let body = unescape(body.strip_prefix(' ').unwrap_or(body));
+            let body = unescape(body.strip_prefix(' ').unwrap_or(body)).expect("valid escapes");
             let stored = stored_messages(&server);
             assert!(
                 stored.iter().any(|m| m.ends_with(&body)),

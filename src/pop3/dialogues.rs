@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::testkit::{params, peer, Driver, FakeStore};
+use crate::transcript::unescape;
 
 /// Expectation on one server line.
 #[derive(Debug)]
@@ -33,33 +34,6 @@ struct Dialogue {
     loopback: bool,
     stls: bool,
     steps: Vec<Step>,
-}
-
-/// `\r`, `\n`, `\\` and `\xHH` escapes of `C~` lines.
-fn unescape(text: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 1 < bytes.len() {
-            match bytes[i + 1] {
-                b'r' => out.push(b'\r'),
-                b'n' => out.push(b'\n'),
-                b'\\' => out.push(b'\\'),
-                b'x' if i + 4 <= bytes.len() => {
-                    let hex = std::str::from_utf8(&bytes[i + 2..i + 4]).expect("hex digits");
-                    out.push(u8::from_str_radix(hex, 16).expect("valid \\xHH escape"));
-                    i += 2;
-                }
-                other => panic!("unknown escape \\{}", other as char),
-            }
-            i += 2;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 fn parse(path: &Path) -> Dialogue {
@@ -104,7 +78,7 @@ fn parse(path: &Path) -> Dialogue {
         } else if line == "C:" {
             pending_send.extend_from_slice(b"\r\n");
         } else if let Some(raw) = line.strip_prefix("C~ ") {
-            pending_send.extend_from_slice(&unescape(raw));
+            pending_send.extend_from_slice(&unescape(raw).expect("valid escapes"));
         } else if let Some(prefix) = line.strip_prefix("S: ") {
             dialogue
                 .steps
@@ -254,6 +228,6 @@ fn runner_rejects_a_wrong_expectation() {
 
 #[test]
 fn unescape_table() {
-    assert_eq!(unescape(r"NOOP\n"), b"NOOP\n");
-    assert_eq!(unescape(r"a\r\n\\\x00\xff"), b"a\r\n\\\x00\xff");
+    assert_eq!(unescape(r"NOOP\n").unwrap(), b"NOOP\n");
+    assert_eq!(unescape(r"a\r\n\\\x00\xff").unwrap(), b"a\r\n\\\x00\xff");
 }
