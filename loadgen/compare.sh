@@ -24,6 +24,7 @@
 #   relay         8 connections to u{0..99}@relay.test (N messages), relayed to a `loadgen sink`
 #                 on 127.0.0.2 (ringmail finds it through a `loadgen dns`); the rate is taken up
 #                 to the moment the sink has counted every message (50 ms resolution)
+# SHARDS=N sets ringmail's shards (default 0: one per CPU).
 # N defaults to 6000 and may be at most 7000 (so no load exceeds 21,000 messages). Every load is also cut off after LOAD_TIMEOUT_SECS (default 120).
 # A server that cannot do a load (e.g. a build whose relay is not wired yet) gets "n/a" and why.
 set -euo pipefail
@@ -37,6 +38,10 @@ LOAD_TIMEOUT_SECS=${LOAD_TIMEOUT_SECS:-120}
 SIZE_BYTES=10240
 NUSERS=100
 # Addresses; override through the environment when a port is taken on a shared machine.
+# ringmail's `shards` (0: one per CPU). loadgen shares the host's cores with the server it
+# measures; on a 2-core host SHARDS=1 leaves loadgen a core rather than making two shards
+# and loadgen's threads take turns on both.
+SHARDS=${SHARDS:-0}
 SMTP_RINGMAIL=${SMTP_RINGMAIL:-127.0.0.1:12525}
 POP3_RINGMAIL=${POP3_RINGMAIL:-127.0.0.1:12110}
 SMTP_POSTFIX=127.0.0.1:25
@@ -137,7 +142,7 @@ case "$HASH" in '$argon2id$v=19$m=19456,t=2,p=1$'*) ;; *) echo "unexpected hash:
   cat <<EOF
 hostname = "mx.bench.test"
 data_dir = "$WORK/ringmail-data"
-shards = 0
+shards = $SHARDS
 shutdown_grace_secs = 5
 local_domains = ["bench.test"]
 EOF

@@ -4,6 +4,10 @@
 # same machine, same run. Runs the pairs ROUNDS times, alternating, and prints msgs/s: loadgen
 # once with pipelined DATA (one transaction in flight per connection: the 354 must come back
 # before the content goes out) and once with --chunking (BDAT, 16 transactions in flight).
+# loadgen and its sink run one thread each (LG_THREADS, default 1), as smtp-source and smtp-sink
+# are one process each: on a 2-core host two threads per side put four busy threads on two
+# cores, and each side then spends most of its time switching. LG_THREADS= (empty) gives
+# loadgen its default of a thread per CPU.
 # Usage: loadgen/bench/bar.sh [path/to/loadgen]   (needs the postfix package)
 set -euo pipefail
 LOADGEN=${1:-${CARGO_TARGET_DIR:-target}/release/loadgen}
@@ -11,7 +15,7 @@ MESSAGES=${MESSAGES:-100000}
 ROUNDS=${ROUNDS:-2}
 PORT_PF=${PORT_PF:-2601}
 PORT_LG=${PORT_LG:-2600}
-LG_THREADS=${LG_THREADS:-}   # empty = online CPUs
+LG_THREADS=${LG_THREADS-1}
 threads_flag=${LG_THREADS:+--threads $LG_THREADS}
 sink_pid=
 cleanup() { [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null || true; }
