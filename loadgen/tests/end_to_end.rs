@@ -56,6 +56,17 @@ fn run(args: &[&str]) -> Output {
     Command::new(LOADGEN).args(args).output().unwrap()
 }
 
+/// Runs loadgen and fails the test, with loadgen's stderr, unless it exits 0.
+fn run_ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -87,7 +98,7 @@ fn smtp_to_sink_keeps_every_message_intact() {
                 std::fs::remove_file(path).unwrap();
             }
         }
-        let out = run(&[
+        run_ok(&[
             "smtp",
             "--target",
             &listen,
@@ -108,11 +119,6 @@ fn smtp_to_sink_keeps_every_message_intact() {
             "--json",
             report.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let figures = json(&report);
         assert_eq!(figures["messages"], 50);
         assert_eq!(figures["failures"], 0);
@@ -164,7 +170,7 @@ fn smtp_to_sink_keeps_every_message_intact() {
         );
     }
 
-    let out = run(&[
+    run_ok(&[
         "smtp",
         "--target",
         &listen,
@@ -180,11 +186,6 @@ fn smtp_to_sink_keeps_every_message_intact() {
         "--json",
         report.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let figures = json(&report);
     assert_eq!(figures["messages"], 20);
     assert_eq!(
@@ -243,7 +244,7 @@ fn open_loop_counts_from_the_schedule() {
     let listen = format!("127.0.0.1:{port}");
     let _sink = start(&["sink", "--listen", &listen, "--print-every-secs", "0"]);
     let report = std::env::temp_dir().join(format!("loadgen-e2e-rate-{port}.json"));
-    let out = run(&[
+    run_ok(&[
         "smtp",
         "--target",
         &listen,
@@ -260,11 +261,6 @@ fn open_loop_counts_from_the_schedule() {
         "--json",
         report.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let figures = json(&report);
     // Exactly the arrivals due within the second, however fast the server is.
     assert_eq!(figures["messages"], 200);
@@ -490,7 +486,7 @@ fn sink_restarts_on_its_port_right_after_a_run() {
     let listen = format!("127.0.0.1:{port}");
     for _ in 0..2 {
         let sink = start(&["sink", "--listen", &listen, "--print-every-secs", "0"]);
-        let out = run(&[
+        run_ok(&[
             "smtp",
             "--target",
             &listen,
@@ -504,11 +500,6 @@ fn sink_restarts_on_its_port_right_after_a_run() {
             "1",
             "--quiet",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         drop(sink);
     }
 }
@@ -578,7 +569,7 @@ fn fake_pop3(advertise_pipelining: bool) -> (String, std::thread::JoinHandle<usi
 fn pop3_pipelines_only_where_capa_says_so() {
     for advertised in [true, false] {
         let (addr, server) = fake_pop3(advertised);
-        let out = run(&[
+        let out = run_ok(&[
             "pop3",
             "--target",
             &addr,
@@ -593,11 +584,6 @@ fn pop3_pipelines_only_where_capa_says_so() {
             "--pipelining",
             "--quiet",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("retr         n=5 "),
             "{}",
@@ -669,7 +655,7 @@ fn fake_smtp_without_chunking() -> (String, std::thread::JoinHandle<(u32, bool)>
 #[test]
 fn chunking_falls_back_to_data_where_chunking_is_not_offered() {
     let (addr, server) = fake_smtp_without_chunking();
-    let out = run(&[
+    run_ok(&[
         "smtp",
         "--target",
         &addr,
@@ -684,10 +670,5 @@ fn chunking_falls_back_to_data_where_chunking_is_not_offered() {
         "--chunking",
         "--quiet",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(server.join().unwrap(), (5, false));
 }
