@@ -38,6 +38,15 @@ fn recovered_ids(recovered: &Recovered) -> Vec<u64> {
     recovered.records.iter().map(|r| r.id.0).collect()
 }
 
+/// The ids a fresh open finds after the power is cut now.
+fn ids_after_power_cut(store: &Store<MemDir>) -> Vec<u64> {
+    recovered_ids(&open(&store.dir().cut_power_now(), Faults::default()).1)
+}
+
+fn raw_ids(ids: &[RecordId]) -> Vec<u64> {
+    ids.iter().map(|id| id.0).collect()
+}
+
 #[test]
 fn append_read_and_reopen() {
     let (store, recovered) = open(&CrashImage::default(), Faults::default());
@@ -61,10 +70,7 @@ fn append_read_and_reopen() {
 
     let image = store.dir().cut_power_now();
     let (reopened, recovered) = open(&image, Faults::default());
-    assert_eq!(
-        recovered_ids(&recovered),
-        ids.iter().map(|id| id.0).collect::<Vec<_>>()
-    );
+    assert_eq!(recovered_ids(&recovered), raw_ids(&ids));
     assert_eq!(&recovered.records[4].record[..], &payload(ids[4], 104)[..]);
     assert_eq!(recovered.records[4].kind, 4);
     assert_eq!(recovered.report.torn_tail_bytes, 0);
@@ -145,8 +151,7 @@ fn failed_fdatasync_fails_its_records_and_rolls() {
         2,
         "the poisoned segment takes no more writes"
     );
-    let (_, recovered) = open(&store.dir().cut_power_now(), Faults::default());
-    assert_eq!(recovered_ids(&recovered), [second.0]);
+    assert_eq!(ids_after_power_cut(&store), [second.0]);
 }
 
 #[test]
@@ -161,8 +166,7 @@ fn mark_dead_survives_restart_and_is_idempotent() {
         store.mark_dead(&[ids[1], RecordId(12345)]).await.unwrap();
     });
     assert!(store.read(ids[1]).is_err());
-    let (_, recovered) = open(&store.dir().cut_power_now(), Faults::default());
-    assert_eq!(recovered_ids(&recovered), [ids[0].0, ids[2].0]);
+    assert_eq!(ids_after_power_cut(&store), [ids[0].0, ids[2].0]);
 }
 
 #[test]
@@ -185,12 +189,7 @@ fn a_roll_takes_the_zero_filled_spare() {
     assert_eq!(spares(&store), 0);
     // Taken, so wanted again: this resolves at once.
     block_on(store.spare_wanted());
-    let image = store.dir().cut_power_now();
-    let (_, recovered) = open(&image, Faults::default());
-    assert_eq!(
-        recovered_ids(&recovered),
-        ids.iter().map(|id| id.0).collect::<Vec<_>>()
-    );
+    assert_eq!(ids_after_power_cut(&store), raw_ids(&ids));
 }
 
 #[test]
@@ -206,9 +205,7 @@ fn a_young_fallocated_segment_gives_way_to_the_spare_at_once() {
     block_on(store.prepare_spare(|| async {})).unwrap();
     assert!(!block_on(store.switch_to_spare_early()).unwrap());
     let second = fill(&store, 1, 100);
-    let image = store.dir().cut_power_now();
-    let (_, recovered) = open(&image, Faults::default());
-    assert_eq!(recovered_ids(&recovered), [first[0].0, second[0].0]);
+    assert_eq!(ids_after_power_cut(&store), [first[0].0, second[0].0]);
 }
 
 #[test]
@@ -229,12 +226,7 @@ fn a_spare_that_fails_to_sync_is_removed_and_rolls_do_without() {
     let ids = fill(&store, 3, 1500);
     let stats = store.stats();
     assert_eq!((stats.segments_created, stats.segments_from_spare), (2, 0));
-    let image = store.dir().cut_power_now();
-    let (_, recovered) = open(&image, Faults::default());
-    assert_eq!(
-        recovered_ids(&recovered),
-        ids.iter().map(|id| id.0).collect::<Vec<_>>()
-    );
+    assert_eq!(ids_after_power_cut(&store), raw_ids(&ids));
 }
 
 #[test]
