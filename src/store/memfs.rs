@@ -5,11 +5,16 @@
 //! - a power cut after the N-th mutating operation: the durable state, plus any subset of the
 //!   unsynced writes (each whole, lost, or torn sector by sector), becomes a [`CrashImage`] to
 //!   reopen, and every later operation fails;
-//! - a failing fdatasync, which (like Linux) drops the writes it covered for good.
+//! - a failing fdatasync, which (like Linux) drops the writes it covered for good. As on Linux,
+//!   the error is reported once to every open file description: each handle's next fdatasync
+//!   fails too, but a handle opened afterwards never hears of it.
+//!
+//! Several handles may sync one file at once; each sync covers the writes completed before it
+//! began, whichever handle wrote them.
 //!
 //! Every operation yields once before taking effect, so concurrent appends really interleave.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::rc::Rc;
@@ -32,6 +37,8 @@ pub struct Faults {
     pub fail_fdatasync_at: Option<u64>,
     /// Seeds the choice of which unsynced writes survive the power cut.
     pub seed: u64,
+    /// Extra executor turns every fdatasync takes, like a slow disk: lets commit rounds overlap.
+    pub fdatasync_yields: u32,
 }
 
 /// The files (by name) as a disk would hold them after the power cut.
@@ -66,8 +73,19 @@ struct FileState {
     visible: Vec<u8>,
     /// What survives a power cut for sure.
     durable: Vec<u8>,
-    /// Writes not yet covered by a successful fdatasync, in completion order.
-    pending: Vec<(usize, Vec<u8>)>,
+    /// Writes not yet covered by a successful fdatasync, in completion order, numbered.
+    pending: Vec<PendingWrite>,
+    /// Number of the next write.
+    next_write: u64,
+    /// Failed fdatasyncs so far (Linux's per-file error sequence).
+    errors: u64,
+}
+
+/// A completed write not yet durable.
+struct PendingWrite {
+    number: u64,
+    pos: usize,
+    data: Vec<u8>,
 }
 
 fn power_cut() -> io::Error {
@@ -101,7 +119,7 @@ impl MemDir {
                 FileState {
                     visible: bytes.clone(),
                     durable: bytes.clone(),
-                    pending: Vec::new(),
+                    ..FileState::default()
                 },
             );
             state.visible_names.insert(name.clone(), id);
@@ -174,7 +192,7 @@ impl FsState {
                 // The size change of a preallocation may have landed too.
                 bytes.resize(bytes.len().max(file.visible.len()), 0);
             }
-            for (pos, data) in &file.pending {
+            for PendingWrite { pos, data, .. } in &file.pending {
                 let mode = self.rng.gen_range(0..3);
                 for (i, sector) in data.chunks(SECTOR_BYTES).enumerate() {
                     let keep = match mode {
@@ -195,12 +213,25 @@ impl FsState {
     }
 }
 
-/// A handle on one in-memory file.
+/// A handle on one in-memory file: an open file description.
 pub struct MemFile {
     /// The directory's shared state.
     dir: MemDir,
     /// Which file (names may be removed while handles live on).
     id: u64,
+    /// The file's error sequence when this handle last reported (or was opened).
+    errors_seen: Cell<u64>,
+}
+
+impl MemFile {
+    fn new(dir: &MemDir, id: u64) -> MemFile {
+        let errors_seen = Cell::new(dir.fs.borrow().files[&id].errors);
+        MemFile {
+            dir: dir.clone(),
+            id,
+            errors_seen,
+        }
+    }
 }
 
 /// A snapshot of a file's visible bytes.
@@ -227,32 +258,52 @@ impl SegmentFile for MemFile {
         }
         file.visible[pos..pos + buf.len()].copy_from_slice(&buf);
         let written = buf.len();
-        file.pending.push((pos, buf));
+        file.pending.push(PendingWrite {
+            number: file.next_write,
+            pos,
+            data: buf,
+        });
+        file.next_write += 1;
         Ok(written)
     }
 
     async fn fdatasync(&self) -> io::Result<()> {
         self.dir.begin_op()?;
-        let (covered, len) = {
+        let (covered_below, len) = {
             let fs = self.dir.fs.borrow();
             let file = &fs.files[&self.id];
-            (file.pending.len(), file.visible.len())
+            (file.next_write, file.visible.len())
         };
-        futures_lite::future::yield_now().await;
+        let yields = self.dir.fs.borrow().faults.fdatasync_yields;
+        for _ in 0..=yields {
+            futures_lite::future::yield_now().await;
+        }
         let mut fs = self.dir.fs.borrow_mut();
         fs.check_power()?;
         fs.fdatasyncs += 1;
         let fail = fs.faults.fail_fdatasync_at == Some(fs.fdatasyncs);
         let file = fs.files.get_mut(&self.id).expect("open file exists");
-        let covered_writes: Vec<_> = file.pending.drain(..covered).collect();
+        let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut file.pending)
+            .into_iter()
+            .partition(|write| write.number < covered_below);
+        file.pending = rest;
         if fail {
             // Linux marks the pages clean anyway: these writes will never reach the disk.
+            file.errors += 1;
+            self.errors_seen.set(file.errors);
             return Err(io::Error::other("fdatasync failed (injected)"));
+        }
+        if self.errors_seen.replace(file.errors) < file.errors {
+            // An earlier failure, reported to this description now; what this sync covered
+            // may or may not have reached the disk.
+            file.pending.extend(covered);
+            file.pending.sort_by_key(|write| write.number);
+            return Err(io::Error::other("fdatasync failed earlier (injected)"));
         }
         if file.durable.len() < len {
             file.durable.resize(len, 0);
         }
-        for (pos, data) in covered_writes {
+        for PendingWrite { pos, data, .. } in covered {
             if file.durable.len() < pos + data.len() {
                 file.durable.resize(pos + data.len(), 0);
             }
@@ -299,10 +350,8 @@ impl SegmentDir for MemDir {
             },
         );
         fs.visible_names.insert(name.to_owned(), id);
-        Ok(MemFile {
-            dir: self.clone(),
-            id,
-        })
+        drop(fs);
+        Ok(MemFile::new(self, id))
     }
 
     async fn open(&self, name: &str) -> io::Result<MemFile> {
@@ -312,10 +361,7 @@ impl SegmentDir for MemDir {
             .visible_names
             .get(name)
             .ok_or(io::ErrorKind::NotFound)?;
-        Ok(MemFile {
-            dir: self.clone(),
-            id,
-        })
+        Ok(MemFile::new(self, id))
     }
 
     async fn rename(&self, from: &str, to: &str) -> io::Result<()> {

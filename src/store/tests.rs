@@ -346,8 +346,14 @@ fn power_cut_mid_append_leaves_a_torn_tail_that_recovery_clears() {
 /// One step of a generated workload.
 #[derive(Clone, Debug)]
 enum Op {
-    /// Concurrent appends of these payload sizes (in pieces of at most `piece` bytes).
-    Append { sizes: Vec<usize>, piece: usize },
+    /// Concurrent appends of these payload sizes (in pieces of at most `piece` bytes), the
+    /// n-th starting `n * stagger` executor turns after the first (so that some are written
+    /// while a commit round is in flight).
+    Append {
+        sizes: Vec<usize>,
+        piece: usize,
+        stagger: usize,
+    },
     /// Marks dead the records at these positions of the attempted list (modulo its length).
     MarkDead(Vec<usize>),
     /// Runs a reclaim.
@@ -363,7 +369,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     let sizes = proptest::collection::vec(size, 1..12);
     let picks = proptest::collection::vec(any::<usize>(), 1..8);
     prop_oneof![
-        5 => (sizes.clone(), 1usize..2000).prop_map(|(sizes, piece)| Op::Append { sizes, piece }),
+        5 => (sizes.clone(), 1usize..2000, 0usize..8)
+            .prop_map(|(sizes, piece, stagger)| Op::Append { sizes, piece, stagger }),
         3 => picks.clone().prop_map(Op::MarkDead),
         2 => Just(Op::Reclaim),
         2 => (sizes, picks).prop_map(|(sizes, kill)| Op::Mixed { sizes, kill }),
@@ -391,10 +398,12 @@ fn append_futures<'a>(
     model: &'a std::cell::RefCell<Model>,
     sizes: &[usize],
     piece: usize,
+    stagger: usize,
 ) -> Vec<Boxed<'a>> {
     sizes
         .iter()
-        .map(|&size| {
+        .enumerate()
+        .map(|(n, &size)| {
             let id = store.allocate_id();
             let body = payload(id, size);
             {
@@ -403,6 +412,9 @@ fn append_futures<'a>(
             }
             let pieces: Vec<Vec<u8>> = body.chunks(piece.max(1)).map(<[u8]>::to_vec).collect();
             Box::pin(async move {
+                for _ in 0..n * stagger {
+                    futures_lite::future::yield_now().await;
+                }
                 if store.append(id, (size % 251) as u8, pieces).await.is_ok() {
                     model.borrow_mut().acked.insert(id);
                 }
@@ -441,15 +453,19 @@ fn run_ops(store: &Store<MemDir>, model: &std::cell::RefCell<Model>, ops: &[Op])
     block_on(async {
         for op in ops {
             match op {
-                Op::Append { sizes, piece } => {
-                    join_all(append_futures(store, model, sizes, *piece)).await;
+                Op::Append {
+                    sizes,
+                    piece,
+                    stagger,
+                } => {
+                    join_all(append_futures(store, model, sizes, *piece, *stagger)).await;
                 }
                 Op::MarkDead(picks) => kill_future(store, model, picks).await,
                 Op::Reclaim => {
                     let _ = store.reclaim().await;
                 }
                 Op::Mixed { sizes, kill } => {
-                    let mut all = append_futures(store, model, sizes, 700);
+                    let mut all = append_futures(store, model, sizes, 700, 0);
                     all.push(kill_future(store, model, kill));
                     all.push(Box::pin(async {
                         let _ = store.reclaim().await;
@@ -537,18 +553,30 @@ proptest! {
         cut_first in 1u64..400,
         cut_second in 1u64..400,
         fail_sync in proptest::option::weighted(0.2, 1u64..40),
+        sync_yields in prop_oneof![0u32..2, 2u32..12],
         seed: u64,
     ) {
         let model = std::cell::RefCell::new(Model::default());
-        // Phase one: a fresh log, cut at some operation (or after the last).
-        let faults = Faults { power_cut_at_op: Some(cut_first), fail_fdatasync_at: fail_sync, seed };
+        // Phase one: a fresh log, cut at some operation (or after the last). Slow fdatasyncs
+        // make commit rounds overlap.
+        let faults = Faults {
+            power_cut_at_op: Some(cut_first),
+            fail_fdatasync_at: fail_sync,
+            seed,
+            fdatasync_yields: sync_yields,
+        };
         let image = run_phase(&CrashImage::default(), faults, &model, &first);
         let (store, recovered) = open(&image, Faults::default());
         check(&recovered, &store, &model.borrow())?;
         // Whatever recovery handed back is durable now, acknowledged or not.
         model.borrow_mut().acked.extend(recovered.records.iter().map(|r| r.id));
         // Phase two: keep going on the recovered log, cut again.
-        let faults = Faults { power_cut_at_op: Some(cut_second), seed: seed ^ 1, ..Faults::default() };
+        let faults = Faults {
+            power_cut_at_op: Some(cut_second),
+            seed: seed ^ 1,
+            fdatasync_yields: sync_yields,
+            ..Faults::default()
+        };
         let image = run_phase(&store.dir().cut_power_now(), faults, &model, &second);
         let (store, recovered) = open(&image, Faults::default());
         check(&recovered, &store, &model.borrow())?;
