@@ -152,6 +152,7 @@ struct LogCounters {
     fdatasyncs: AtomicU64,
     fdatasync_failures: AtomicU64,
     commit_rounds: AtomicU64,
+    overlapping_commits: AtomicU64,
     commit_nanos_total: AtomicU64,
     commit_nanos_max: AtomicU64,
     commit_latency: CommitHistogram,
@@ -257,6 +258,8 @@ impl ShardMetrics {
         log.append_payload_bytes
             .store(stats.append_payload_bytes, Relaxed);
         log.fdatasyncs.store(stats.fdatasyncs, Relaxed);
+        log.overlapping_commits
+            .store(stats.overlapping_rounds, Relaxed);
         log.fdatasync_failures
             .store(stats.fdatasync_failures, Relaxed);
         log.commit_nanos_max.store(stats.commit_nanos_max, Relaxed);
@@ -501,6 +504,14 @@ impl Collector for MetricsCollector {
             "fdatasync calls completed (one per dirty segment per group commit).",
             Counter,
             |m| load(&m.log.fdatasyncs),
+        )?;
+        counter_family(
+            e,
+            shards,
+            "log_overlapping_commits",
+            "Group-commit rounds begun while another was still syncing.",
+            Counter,
+            |m| load(&m.log.overlapping_commits),
         )?;
         counter_family(
             e,

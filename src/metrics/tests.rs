@@ -126,6 +126,7 @@ fn stats(rounds: u64, nanos: u64, fdatasyncs: u64) -> StoreStats {
         commit_nanos_total: nanos,
         commit_nanos_max: nanos,
         fdatasyncs,
+        overlapping_rounds: rounds / 2,
         ..StoreStats::default()
     }
 }
@@ -163,6 +164,13 @@ fn commit_histogram_files_new_rounds_by_their_mean() {
     assert_eq!(
         sample(&text, r#"ringmail_log_appends_total{shard="1"}"#),
         Some(6.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"ringmail_log_overlapping_commits_total{shard="1"}"#
+        ),
+        Some(1.0)
     );
 }
 

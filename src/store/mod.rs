@@ -10,12 +10,17 @@
 //!   `spare`: the next segment, zero-filled ahead of time.
 //!
 //! Decisions worth knowing:
-//! - Group commit: one fdatasync round in flight at a time, covering every record whose writes
-//!   completed before it began; records written meanwhile wait for the next round. The first
-//!   appender that finds no round in flight runs the next one (no background task), after
-//!   letting the record writes already started finish, so that a round covers the whole wave
-//!   of appenders woken by the previous one (this doubled records per fdatasync at 64
-//!   appenders; the wait is bounded by writes already issued, so it cannot starve).
+//! - Group commit: an fdatasync round covers every record whose writes completed before it
+//!   began. Up to two rounds run at once, so a record written while one is in flight starts
+//!   the next at once instead of waiting for it to end. An appender whose record no round
+//!   covers yet runs the next one itself (no background task), after letting the record
+//!   writes already started finish, so that a round covers the whole wave of appenders woken
+//!   by the previous one (this doubled records per fdatasync at 64 appenders; the wait is
+//!   bounded by writes already issued, so it cannot starve).
+//! - Two rounds never sync a file through the same open file description: Linux reports a
+//!   writeback error once per description, so the second could report success for pages whose
+//!   error the first consumed. The segment taking appends is therefore opened twice, before
+//!   its first append (a description opened later would never hear of an earlier error).
 //! - The records of a batch are written concurrently, not coalesced into one write: a record
 //!   larger than [`StoreOptions::copy_below_bytes`] (4 KiB) is written from the caller's own
 //!   buffers (one io_uring write per large piece, all in flight at once; leading pieces of at
@@ -288,6 +293,8 @@ pub struct StoreStats {
     pub fdatasync_failures: u64,
     /// Group-commit rounds completed.
     pub commit_rounds: u64,
+    /// Of the rounds begun, those begun while another was still in flight.
+    pub overlapping_rounds: u64,
     /// Total time spent in group-commit rounds.
     pub commit_nanos_total: u64,
     /// Longest group-commit round.
@@ -328,6 +335,14 @@ struct Segment<F> {
     name: SegmentName,
     /// Open handle; shared with in-flight writes.
     file: Rc<F>,
+    /// A second open file description of the same file, so that two commit rounds can sync it
+    /// at once (see [`log::MAX_ROUNDS_IN_FLIGHT`]); only a segment that takes appends has one.
+    /// It is opened before anything is appended to the segment: a description opened later
+    /// would not hear of a writeback error that happened before it existed.
+    twin: Option<Rc<F>>,
+    /// Which descriptions a commit round is syncing now: `[file, twin]`. Linux reports a
+    /// writeback error once per description, so two rounds never share one.
+    syncing: [bool; 2],
     /// File size (preallocated).
     size_bytes: u64,
     /// Next free byte: everything below it is reserved or written.
@@ -338,11 +353,15 @@ struct Segment<F> {
     writes_in_flight: u32,
     /// Records written whose append has not resolved yet.
     awaiting_sync: u32,
-    /// Written since the last group-commit round began.
+    /// Written since the last group-commit round that syncs it began.
     dirty: bool,
-    /// The first group-commit round (0 = a failed write) that failed on this file: it takes no
-    /// more writes and no record not yet acknowledged in it ever will be.
-    failed_round: Option<u64>,
+    /// The newest commit round that synced this file without error: every record written here
+    /// before that round began is durable.
+    synced_through: u64,
+    /// A write or fdatasync failed on this file (or a round syncing it was abandoned): it takes
+    /// no more writes, is never synced again, and no record not yet acknowledged in it ever
+    /// will be.
+    poisoned: bool,
     /// The file was unlinked but the directory sync making that durable failed: the next
     /// reclaim retries the sync before forgetting the segment.
     unlinked: bool,
@@ -371,13 +390,16 @@ impl<F: SegmentFile> Segment<F> {
         Segment {
             name,
             file,
+            twin: None,
+            syncing: [false; 2],
             size_bytes,
             write_offset,
             map,
             writes_in_flight: 0,
             awaiting_sync: 0,
             dirty: false,
-            failed_round: None,
+            synced_through: 0,
+            poisoned: false,
             unlinked: false,
             unwritten_extents: false,
             live_records: 0,
@@ -395,6 +417,14 @@ impl<F: SegmentFile> Segment<F> {
                 .map(self.size_bytes)
                 .map_err(io_error("map segment")),
         }
+    }
+
+    /// A description of this file no commit round is syncing now, with its slot in `syncing`.
+    fn free_sync_handle(&self) -> Option<(usize, Rc<F>)> {
+        [Some(&self.file), self.twin.as_ref()]
+            .into_iter()
+            .enumerate()
+            .find_map(|(slot, file)| Some((slot, Rc::clone(file?))).filter(|_| !self.syncing[slot]))
     }
 
     fn is_quiet(&self) -> bool {
@@ -420,8 +450,7 @@ struct State<F> {
     /// Per id: tombstones killing it across all segments.
     tombstone_holders: HashMap<RecordId, u32>,
     commit_rounds_started: u64,
-    commit_rounds_completed: u64,
-    commit_in_flight: bool,
+    rounds_in_flight: u32,
     /// Record writes started (reservations) and finished (written, failed or abandoned): a
     /// would-be commit leader first lets the writes already started finish, so one round
     /// covers a whole wave of concurrent appenders instead of the first few.
@@ -445,8 +474,7 @@ impl<F> Default for State<F> {
             record_holders: HashMap::new(),
             tombstone_holders: HashMap::new(),
             commit_rounds_started: 0,
-            commit_rounds_completed: 0,
-            commit_in_flight: false,
+            rounds_in_flight: 0,
             writes_started: 0,
             writes_finished: 0,
             gather_until: None,

@@ -120,8 +120,15 @@ impl<D: SegmentDir> Store<D> {
                 .await
                 .map_err(io_error("sync log directory"))?;
         }
-        if !store.resume_last_segment(last_intact) {
-            store.roll(0).await?;
+        match store.resume_last_segment(last_intact) {
+            Some(file_name) => {
+                // Torn tails are cleared and synced by now; appends start after this.
+                let twin = store.open_twin(&file_name).await;
+                let mut st = store.state.borrow_mut();
+                let active = st.active.expect("just resumed");
+                st.segments.get_mut(&active).expect("active segment").twin = twin;
+            }
+            None => store.roll(0).await?,
         }
         report.elapsed = started.elapsed();
         tracing::info!(?report, "log recovered");
@@ -131,15 +138,16 @@ impl<D: SegmentDir> Store<D> {
     /// Makes the newest segment the active one again, so that every restart does not leave a
     /// mostly empty segment behind. Safe because everything after its last valid record is
     /// zero again (torn tails were cleared), and ids stay unique: the recovered next id is
-    /// above every id in any record or segment header. Returns false if there is none.
-    fn resume_last_segment(&self, last_intact: Option<u64>) -> bool {
+    /// above every id in any record or segment header. Returns its file name, or None if there
+    /// is none.
+    fn resume_last_segment(&self, last_intact: Option<u64>) -> Option<String> {
         let mut st = self.state.borrow_mut();
         match last_intact {
             Some(seq) if st.segments.keys().next_back() == Some(&seq) => {
                 st.active = Some(seq);
-                true
+                Some(st.segments[&seq].name.file_name())
             }
-            _ => false,
+            _ => None,
         }
     }
 

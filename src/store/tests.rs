@@ -101,6 +101,66 @@ fn concurrent_appends_share_fdatasyncs() {
 }
 
 #[test]
+fn a_record_written_during_a_commit_round_starts_the_next_at_once() {
+    let slow_disk = Faults {
+        fdatasync_yields: 20,
+        ..Faults::default()
+    };
+    let (store, _) = open(&CrashImage::default(), slow_disk);
+    let first = store.allocate_id();
+    let second = store.allocate_id();
+    let during_first_round = async {
+        while store.state.borrow().rounds_in_flight == 0 {
+            futures_lite::future::yield_now().await;
+        }
+        store.append(second, 1, vec![payload(second, 40)]).await
+    };
+    let (a, b) = block_on(futures_lite::future::zip(
+        store.append(first, 1, vec![payload(first, 40)]),
+        during_first_round,
+    ));
+    a.unwrap();
+    b.unwrap();
+    let stats = store.stats();
+    assert_eq!((stats.commit_rounds, stats.overlapping_rounds), (2, 1));
+    assert_eq!(ids_after_power_cut(&store), raw_ids(&[first, second]));
+}
+
+#[test]
+fn a_failure_reported_to_one_of_two_overlapping_rounds_fails_both() {
+    // fdatasync 1 initialises the first segment; 2 and 3 are the overlapping rounds.
+    let faults = Faults {
+        fdatasync_yields: 20,
+        fail_fdatasync_at: Some(2),
+        ..Faults::default()
+    };
+    let (store, _) = open(&CrashImage::default(), faults);
+    let first = store.allocate_id();
+    let second = store.allocate_id();
+    let during_first_round = async {
+        while store.state.borrow().rounds_in_flight == 0 {
+            futures_lite::future::yield_now().await;
+        }
+        store.append(second, 1, vec![payload(second, 40)]).await
+    };
+    let (a, b) = block_on(futures_lite::future::zip(
+        store.append(first, 1, vec![payload(first, 40)]),
+        during_first_round,
+    ));
+    assert!(matches!(a, Err(StoreError::SyncFailed)), "{a:?}");
+    assert!(matches!(b, Err(StoreError::SyncFailed)), "{b:?}");
+    assert_eq!(store.stats().overlapping_rounds, 1);
+    let third = store.allocate_id();
+    block_on(store.append(third, 1, vec![b"kept".to_vec()])).unwrap();
+    assert_eq!(
+        store.segment_count(),
+        2,
+        "the poisoned segment takes no more writes"
+    );
+    assert!(!ids_after_power_cut(&store).contains(&first.0));
+}
+
+#[test]
 fn record_larger_than_a_segment_gets_its_own() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
     let id = store.allocate_id();
