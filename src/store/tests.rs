@@ -100,64 +100,52 @@ fn concurrent_appends_share_fdatasyncs() {
     assert_eq!(store.live_records(), 64);
 }
 
-#[test]
-fn a_record_written_during_a_commit_round_starts_the_next_at_once() {
+/// On a disk whose fdatasyncs take 20 extra turns: appends a record, and a second one once the
+/// first one's commit round is in flight. Returns both ids and both outcomes.
+fn append_during_a_round(
+    faults: Faults,
+) -> (Store<MemDir>, [RecordId; 2], [Result<(), StoreError>; 2]) {
     let slow_disk = Faults {
         fdatasync_yields: 20,
-        ..Faults::default()
+        ..faults
     };
     let (store, _) = open(&CrashImage::default(), slow_disk);
-    let first = store.allocate_id();
-    let second = store.allocate_id();
+    let ids = [store.allocate_id(), store.allocate_id()];
     let during_first_round = async {
         while store.state.borrow().rounds_in_flight == 0 {
             futures_lite::future::yield_now().await;
         }
-        store.append(second, 1, vec![payload(second, 40)]).await
+        store.append(ids[1], 1, vec![payload(ids[1], 40)]).await
     };
     let (a, b) = block_on(futures_lite::future::zip(
-        store.append(first, 1, vec![payload(first, 40)]),
+        store.append(ids[0], 1, vec![payload(ids[0], 40)]),
         during_first_round,
     ));
+    (store, ids, [a, b])
+}
+
+#[test]
+fn a_record_written_during_a_commit_round_starts_the_next_at_once() {
+    let (store, ids, [a, b]) = append_during_a_round(Faults::default());
     a.unwrap();
     b.unwrap();
     let stats = store.stats();
     assert_eq!((stats.commit_rounds, stats.overlapping_rounds), (2, 1));
-    assert_eq!(ids_after_power_cut(&store), raw_ids(&[first, second]));
+    assert_eq!(ids_after_power_cut(&store), raw_ids(&ids));
 }
 
 #[test]
 fn a_failure_reported_to_one_of_two_overlapping_rounds_fails_both() {
     // fdatasync 1 initialises the first segment; 2 and 3 are the overlapping rounds.
-    let faults = Faults {
-        fdatasync_yields: 20,
+    let (store, ids, [a, b]) = append_during_a_round(Faults {
         fail_fdatasync_at: Some(2),
         ..Faults::default()
-    };
-    let (store, _) = open(&CrashImage::default(), faults);
-    let first = store.allocate_id();
-    let second = store.allocate_id();
-    let during_first_round = async {
-        while store.state.borrow().rounds_in_flight == 0 {
-            futures_lite::future::yield_now().await;
-        }
-        store.append(second, 1, vec![payload(second, 40)]).await
-    };
-    let (a, b) = block_on(futures_lite::future::zip(
-        store.append(first, 1, vec![payload(first, 40)]),
-        during_first_round,
-    ));
+    });
     assert!(matches!(a, Err(StoreError::SyncFailed)), "{a:?}");
     assert!(matches!(b, Err(StoreError::SyncFailed)), "{b:?}");
     assert_eq!(store.stats().overlapping_rounds, 1);
-    let third = store.allocate_id();
-    block_on(store.append(third, 1, vec![b"kept".to_vec()])).unwrap();
-    assert_eq!(
-        store.segment_count(),
-        2,
-        "the poisoned segment takes no more writes"
-    );
-    assert!(!ids_after_power_cut(&store).contains(&first.0));
+    append_after_poisoning(&store);
+    assert!(!ids_after_power_cut(&store).contains(&ids[0].0));
 }
 
 #[test]
@@ -191,6 +179,18 @@ fn too_large_and_unallocated_are_refused() {
     ));
 }
 
+/// Appends a record to a log whose only segment was just poisoned: it lands in a new one.
+fn append_after_poisoning(store: &Store<MemDir>) -> RecordId {
+    let id = store.allocate_id();
+    block_on(store.append(id, 1, vec![b"kept".to_vec()])).unwrap();
+    assert_eq!(
+        store.segment_count(),
+        2,
+        "the poisoned segment takes no more writes"
+    );
+    id
+}
+
 #[test]
 fn failed_fdatasync_fails_its_records_and_rolls() {
     // fdatasync 1 initialises the first segment; 2 is the first commit round.
@@ -204,13 +204,7 @@ fn failed_fdatasync_fails_its_records_and_rolls() {
     assert!(matches!(error, StoreError::SyncFailed), "{error}");
     assert!(store.read(first).is_err());
     assert_eq!(store.stats().fdatasync_failures, 1);
-    let second = store.allocate_id();
-    block_on(store.append(second, 1, vec![b"kept".to_vec()])).unwrap();
-    assert_eq!(
-        store.segment_count(),
-        2,
-        "the poisoned segment takes no more writes"
-    );
+    let second = append_after_poisoning(&store);
     assert_eq!(ids_after_power_cut(&store), [second.0]);
 }
 
