@@ -149,6 +149,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failing test shows what the server logged (a panic, a refusal, a warning);
+            // only errors and warnings, so that an info log of every message does not bury it.
+            let lines: Vec<String> = self
+                .stderr_lines()
+                .into_iter()
+                .filter(|line| !line.contains(" INFO ") && !line.contains(" DEBUG "))
+                .collect();
+            eprintln!(
+                "ringmail's stderr (warnings and worse):\n{}",
+                lines.join("\n")
+            );
+        }
     }
 }
 
@@ -289,8 +302,10 @@ impl LineClient {
 /// Sends one message over SMTP and returns the final reply to the end of data.
 pub fn send_mail(addr: SocketAddr, from: &str, to: &[&str], data: &[u8]) -> String {
     let mut c = LineClient::connect(addr);
-    assert!(c.reply().starts_with("220 "));
-    assert!(c.command("EHLO client.test").starts_with("250"));
+    let greeting = c.reply();
+    assert!(greeting.starts_with("220 "), "greeting: {greeting:?}");
+    let r = c.command("EHLO client.test");
+    assert!(r.starts_with("250"), "{r}");
     let r = c.command(&format!("MAIL FROM:<{from}>"));
     assert!(r.starts_with("250"), "{r}");
     for rcpt in to {
