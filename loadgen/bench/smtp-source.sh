@@ -3,9 +3,11 @@
 # Postfix delivering to Maildirs (default fsyncs), and against Postfix's no-disk smtp-sink;
 # 10 KiB messages to one mailbox (u7@bench.test), 8 and 32 sessions, a connection per message
 # and with -d (reuse). Run loadgen/compare.sh once first: it installs and configures Postfix
-# (domain bench.test, users u0..u99). Usage: [SHARDS=N] loadgen/bench/smtp-source.sh [MESSAGES]
-# SHARDS sets ringmail's `shards` (default: one per CPU). smtp-source and smtp-sink are single
-# processes; on a 2-core host SHARDS=1 leaves the driver a core of its own.
+# (domain bench.test, users u0..u99). Usage: [SHARDS=N] [ROUNDS=R] loadgen/bench/smtp-source.sh
+# [MESSAGES]. SHARDS sets ringmail's `shards` (default: one per CPU). smtp-source and smtp-sink
+# are single processes; on a 2-core host SHARDS=1 leaves the driver a core of its own. ROUNDS
+# (default 1) repeats each ringmail/smtp-sink pair and prints every ratio and their median:
+# on a shared VM one pair can be off by 10 % either way.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 M=${1:-4000}
@@ -36,7 +38,8 @@ run() { # label target sessions reuse
   start=$(date +%s.%N)
   smtp-source "${flags[@]}" "$2"
   end=$(date +%s.%N)
-  python3 -c "print(f'{\"$1\":10} sessions={$3:<3} {\"$4\":7} {$M/($end-$start):8.0f} msgs/s')"
+  RATE=$(python3 -c "print(round($M/($end-$start)))")
+  printf '%-10s sessions=%-3s %-7s %8s msgs/s\n' "$1" "$3" "$4" "$RATE"
 }
 drain_postfix() { # Postfix delivers what it accepted after the 250s: let it finish first
   for _ in $(seq 1 600); do
@@ -48,8 +51,14 @@ drain_postfix() { # Postfix delivers what it accepted after the 250s: let it fin
 # after the last, so that its deliveries never run beside another server's load.
 for sessions in 8 32; do
   for mode in per-msg reuse; do
-    run ringmail "$RINGMAIL" "$sessions" "$mode"
-    run smtp-sink "$SINK" "$sessions" "$mode"
+    ratios=()
+    for _ in $(seq 1 "${ROUNDS:-1}"); do
+      run ringmail "$RINGMAIL" "$sessions" "$mode"
+      ours=$RATE
+      run smtp-sink "$SINK" "$sessions" "$mode"
+      ratios+=("$(python3 -c "print(round(100 * $ours / $RATE, 1))")")
+    done
+    python3 -c "import statistics; r = [${ratios[*]/%/,}]; print(f'ringmail / smtp-sink sessions=$sessions $mode: ' + ' '.join(f'{x} %' for x in r) + f', median {statistics.median(r)} %')"
   done
 done
 for sessions in 8 32; do
