@@ -240,7 +240,6 @@ fn serve_lines<S: std::io::Read + Write>(
     }
 }
 
-/// The zone most tests use: far.test has one MX, mx1.far.test, on 127.0.0.2.
 /// An MX that refuses every recipient whose local part starts with "nobody".
 fn refusing_nobody() -> Script {
     Script {
@@ -255,6 +254,7 @@ fn refusing_nobody() -> Script {
     }
 }
 
+/// The zone most tests use: far.test has one MX, mx1.far.test, on 127.0.0.2.
 fn far_test_zone() -> fake_dns::Zone {
     let mut zone = fake_dns::Zone::default();
     zone.mx("far.test", &[(10, "mx1.far.test")]);
@@ -280,6 +280,31 @@ fn relay_config(dir: &Path, dns: SocketAddr, port: u16, extra_relay: &str) -> St
              retry_schedule_secs = [0.2]\n{extra_relay}\n"
         ),
     )
+}
+
+/// A server relaying to far.test, whose one MX (on 127.0.0.2) follows a script. Tests borrow
+/// its fields, so that the server and its directory live to the end of the test.
+struct FarTest {
+    server: Server,
+    mx: Arc<MxLog>,
+    /// What a restart after a kill starts with.
+    config: String,
+    dir: tempfile::TempDir,
+}
+
+fn far_test(script: Script, extra_relay: &str) -> FarTest {
+    let port = free_relay_port();
+    let dns = start_dns(far_test_zone());
+    let mx = start_mx("127.0.0.2", port, script);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), dns.addr, port, extra_relay);
+    let server = Server::start(dir.path(), &config);
+    FarTest {
+        server,
+        mx,
+        config,
+        dir,
+    }
 }
 
 fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
@@ -315,11 +340,7 @@ fn mail(subject: &str) -> Vec<u8> {
 
 #[test]
 fn a_relayed_message_reaches_the_mx_byte_exact() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx("127.0.0.2", port, Script::default());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let FarTest { server, mx, .. } = &far_test(Script::default(), "");
     let body = b"Subject: exact\r\n\r\n..leading dot stays stuffed\r\n8-bit: \xe9\r\nlast\r\n";
     let reply = send_mail(
         server.addr("smtp"),
@@ -329,9 +350,9 @@ fn a_relayed_message_reaches_the_mx_byte_exact() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
     wait_until(Duration::from_secs(10), "delivery", || {
-        !accepted(&mx).is_empty()
+        !accepted(mx).is_empty()
     });
-    let got = accepted(&mx);
+    let got = accepted(mx);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].from, "alice@example.test");
     assert_eq!(got[0].to, vec!["Bob@Far.Test", "carl@far.test"]);
@@ -345,7 +366,7 @@ fn a_relayed_message_reaches_the_mx_byte_exact() {
     );
     // Delivered once: nothing more arrives.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(accepted(&mx).len(), 1);
+    assert_eq!(accepted(mx).len(), 1);
     assert_eq!(mx.connections.load(Ordering::SeqCst), 1);
 }
 
@@ -353,11 +374,7 @@ fn a_relayed_message_reaches_the_mx_byte_exact() {
 /// 999th octet with CRLF SPACE, the body's bytes otherwise unchanged and in order.
 #[test]
 fn an_over_long_line_is_folded_on_the_way_out() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx("127.0.0.2", port, Script::default());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let FarTest { server, mx, .. } = &far_test(Script::default(), "");
     let long: Vec<u8> = (0..2500).map(|i| b'a' + (i % 26) as u8).collect();
     let body = [b"Subject: long\r\n\r\n".as_slice(), &long, b"\r\nshort\r\n"].concat();
     let reply = send_mail(
@@ -368,9 +385,9 @@ fn an_over_long_line_is_folded_on_the_way_out() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
     wait_until(Duration::from_secs(10), "delivery", || {
-        !accepted(&mx).is_empty()
+        !accepted(mx).is_empty()
     });
-    let data = accepted(&mx).remove(0).data;
+    let data = accepted(mx).remove(0).data;
     for line in data.split(|&b| b == b'\n') {
         assert!(
             line.len() <= 999,
@@ -422,24 +439,17 @@ fn the_second_mx_takes_over_when_the_first_is_down_or_answers_421() {
 
 #[test]
 fn a_4xx_is_retried_and_then_delivered() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx(
-        "127.0.0.2",
-        port,
-        Script {
-            rcpt: Arc::new(|_, seen| {
-                if seen == 0 {
-                    "451 4.7.1 greylisted, try later".into()
-                } else {
-                    "250 2.1.5 ok".into()
-                }
-            }),
-            ..Script::default()
-        },
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let greylisting = Script {
+        rcpt: Arc::new(|_, seen| {
+            if seen == 0 {
+                "451 4.7.1 greylisted, try later".into()
+            } else {
+                "250 2.1.5 ok".into()
+            }
+        }),
+        ..Script::default()
+    };
+    let FarTest { server, mx, .. } = &far_test(greylisting, "");
     let reply = send_mail(
         server.addr("smtp"),
         "alice@example.test",
@@ -448,22 +458,18 @@ fn a_4xx_is_retried_and_then_delivered() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
     wait_until(Duration::from_secs(10), "delivery after the retry", || {
-        accepted(&mx).len() == 1
+        accepted(mx).len() == 1
     });
     assert!(mx.rcpts.load(Ordering::SeqCst) >= 2);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(accepted(&mx).len(), 1);
+    assert_eq!(accepted(mx).len(), 1);
     let lines = server.stderr_lines();
     assert!(lines.iter().any(|l| l.contains("deferred")), "{lines:#?}");
 }
 
 #[test]
 fn a_5xx_bounces_with_a_dsn_in_the_local_senders_mailbox() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx("127.0.0.2", port, refusing_nobody());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let FarTest { server, mx, .. } = &far_test(refusing_nobody(), "");
     let reply = send_mail(
         server.addr("smtp"),
         "alice@example.test",
@@ -471,7 +477,7 @@ fn a_5xx_bounces_with_a_dsn_in_the_local_senders_mailbox() {
         &mail("half bounces"),
     );
     assert!(reply.starts_with("250 "), "{reply}");
-    let dsns = alice_mail(&server, 1);
+    let dsns = alice_mail(server, 1);
     assert_eq!(dsns.len(), 1);
     let dsn = &dsns[0];
     assert!(dsn.starts_with("Return-Path: <>\r\n"), "{dsn}");
@@ -486,7 +492,7 @@ fn a_5xx_bounces_with_a_dsn_in_the_local_senders_mailbox() {
         !dsn.contains("Final-Recipient: rfc822; bob@far.test"),
         "{dsn}"
     );
-    let got = accepted(&mx);
+    let got = accepted(mx);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].to, vec!["bob@far.test"]);
 }
@@ -595,14 +601,7 @@ fn a_truncated_udp_answer_is_asked_again_over_tcp() {
 
 #[test]
 fn a_hundred_messages_to_one_domain_share_few_connections() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx("127.0.0.2", port, Script::default());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        dir.path(),
-        &relay_config(dir.path(), dns.addr, port, "max_connections_per_domain = 4"),
-    );
+    let FarTest { server, mx, .. } = &far_test(Script::default(), "max_connections_per_domain = 4");
     let smtp = server.addr("smtp");
     let senders: Vec<_> = (0..4)
         .map(|t| {
@@ -624,9 +623,9 @@ fn a_hundred_messages_to_one_domain_share_few_connections() {
         s.join().unwrap();
     }
     wait_until(Duration::from_secs(20), "100 deliveries", || {
-        accepted(&mx).len() >= 100
+        accepted(mx).len() >= 100
     });
-    assert_eq!(accepted(&mx).len(), 100);
+    assert_eq!(accepted(mx).len(), 100);
     let connections = mx.connections.load(Ordering::SeqCst);
     assert!(
         connections <= 12,
@@ -636,19 +635,16 @@ fn a_hundred_messages_to_one_domain_share_few_connections() {
 
 #[test]
 fn kill_9_during_a_relay_run_loses_nothing() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx(
-        "127.0.0.2",
-        port,
-        Script {
-            data_end_delay: Duration::from_millis(40),
-            ..Script::default()
-        },
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay_config(dir.path(), dns.addr, port, "max_connections_per_domain = 2");
-    let mut server = Server::start(dir.path(), &config);
+    let slow_mx = Script {
+        data_end_delay: Duration::from_millis(40),
+        ..Script::default()
+    };
+    let FarTest {
+        server,
+        mx,
+        config,
+        dir,
+    } = &mut far_test(slow_mx, "max_connections_per_domain = 2");
     let total = 40;
     for n in 0..total {
         let reply = send_mail(
@@ -660,12 +656,12 @@ fn kill_9_during_a_relay_run_loses_nothing() {
         assert!(reply.starts_with("250 "), "{reply}");
     }
     wait_until(Duration::from_secs(20), "some deliveries", || {
-        accepted(&mx).len() >= 5
+        accepted(mx).len() >= 5
     });
     server.kill9();
-    let before = accepted(&mx).len();
+    let before = accepted(mx).len();
     assert!(before < total, "the run was over before the kill");
-    let _server = Server::start(dir.path(), &config);
+    let _server = Server::start(dir.path(), config);
     let subject_of = |d: &Delivered| {
         let text = String::from_utf8_lossy(&d.data).into_owned();
         text.split("Subject: ")
@@ -677,13 +673,13 @@ fn kill_9_during_a_relay_run_loses_nothing() {
             .to_string()
     };
     wait_until(Duration::from_secs(30), "every message", || {
-        let got: std::collections::HashSet<String> = accepted(&mx).iter().map(subject_of).collect();
+        let got: std::collections::HashSet<String> = accepted(mx).iter().map(subject_of).collect();
         got.len() == total
     });
     std::thread::sleep(Duration::from_millis(500));
     // A message the MX took just before the kill, whose outcome was not yet durable, is sent
     // again: per connection open at the kill, the one in flight and the one settling.
-    let duplicates = accepted(&mx).len() - total;
+    let duplicates = accepted(mx).len() - total;
     assert!(duplicates <= 4, "{duplicates} duplicates");
 }
 
@@ -737,11 +733,7 @@ fn eight_bit_and_utf8_mail_bounces_at_a_hop_that_lacks_the_extension() {
 
 #[test]
 fn a_remote_senders_bounce_is_relayed_from_the_null_sender() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
-    let mx = start_mx("127.0.0.2", port, refusing_nobody());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let FarTest { server, mx, .. } = &far_test(refusing_nobody(), "");
     let reply = send_mail(
         server.addr("smtp"),
         "ext@far.test",
@@ -758,10 +750,10 @@ fn a_remote_senders_bounce_is_relayed_from_the_null_sender() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
     wait_until(Duration::from_secs(10), "the DSN at the MX", || {
-        !accepted(&mx).is_empty()
+        !accepted(mx).is_empty()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let got = accepted(&mx);
+    let got = accepted(mx);
     assert_eq!(got.len(), 1, "{got:#?}");
     assert_eq!(got[0].from, "");
     assert_eq!(got[0].to, vec!["ext@far.test"]);
@@ -856,15 +848,11 @@ fn mx_tls_identity() -> Arc<rustls::ServerConfig> {
 
 #[test]
 fn mail_goes_encrypted_to_an_mx_that_offers_starttls() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
     let script = Script {
         starttls: Some(mx_tls_identity()),
         ..Script::default()
     };
-    let mx = start_mx("127.0.0.2", port, script);
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let FarTest { server, mx, .. } = &far_test(script, "");
     let body = b"Subject: sealed\r\n\r\nsent over TLS\r\n";
     let reply = send_mail(
         server.addr("smtp"),
@@ -874,9 +862,9 @@ fn mail_goes_encrypted_to_an_mx_that_offers_starttls() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
     wait_until(Duration::from_secs(10), "delivery", || {
-        !accepted(&mx).is_empty()
+        !accepted(mx).is_empty()
     });
-    assert!(accepted(&mx)[0].data.ends_with(body));
+    assert!(accepted(mx)[0].data.ends_with(body));
     assert_eq!(
         mx.tls_sessions.load(Ordering::SeqCst),
         1,
@@ -887,15 +875,11 @@ fn mail_goes_encrypted_to_an_mx_that_offers_starttls() {
 
 #[test]
 fn a_failed_starttls_handshake_falls_back_to_plain_text() {
-    let port = free_relay_port();
-    let dns = start_dns(far_test_zone());
     let script = Script {
         broken_starttls: true,
         ..Script::default()
     };
-    let mx = start_mx("127.0.0.2", port, script);
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &relay_config(dir.path(), dns.addr, port, ""));
+    let FarTest { server, mx, .. } = &far_test(script, "");
     let body = b"Subject: fallback\r\n\r\nplain after a broken handshake\r\n";
     let reply = send_mail(
         server.addr("smtp"),
@@ -905,9 +889,9 @@ fn a_failed_starttls_handshake_falls_back_to_plain_text() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
     wait_until(Duration::from_secs(10), "delivery", || {
-        !accepted(&mx).is_empty()
+        !accepted(mx).is_empty()
     });
-    assert!(accepted(&mx)[0].data.ends_with(body));
+    assert!(accepted(mx)[0].data.ends_with(body));
     assert_eq!(mx.tls_sessions.load(Ordering::SeqCst), 0);
     // One connection for the failed handshake, one to deliver in plain text.
     assert_eq!(mx.connections.load(Ordering::SeqCst), 2);
