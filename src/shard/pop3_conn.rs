@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{future, AsyncWrite};
 
 use super::conn::{read_some, write_all, write_all_vectored, ReadOutcome};
-use super::ingest::{record_outcome, write_return_path_line, RETURN_PATH_OVERHEAD};
+use super::ingest::{record_outcome, write_return_path_line};
 use super::mesh::{reply_channel, MeshMessage};
 use super::stream::ConnStream;
 use super::Shard;
@@ -437,17 +437,16 @@ async fn queue_message(
     };
     // A cold segment would fault inside send() and stall every connection of the shard.
     record.prefetch();
+    let queued_before = outbox.bytes;
     // The +OK line (when the loop has not taken it already) and Return-Path, as copies.
     let status_len = session.output().len();
     outbox.push_copy(session.output());
     session.output_consumed(status_len);
     outbox.copy_with(|out| write_return_path_line(out, mail_from));
-    let head_len = status_len + RETURN_PATH_OVERHEAD + mail_from.len();
     let tail = data_terminator(&record[stored.end.saturating_sub(2).max(stored.start)..stored.end]);
-    let sent = head_len + stored.len() + tail.len();
     outbox.push(Piece::Stored(record, stored));
     outbox.push(Piece::Fixed(tail));
-    shard.metrics.pop3.sent(sent);
+    shard.metrics.pop3.sent(outbox.bytes - queued_before);
     Ok(())
 }
 
