@@ -192,6 +192,26 @@ fn append_after_poisoning(store: &Store<MemDir>) -> RecordId {
 }
 
 #[test]
+fn a_commit_round_abandoned_mid_flight_poisons_its_segment() {
+    let slow_disk = Faults {
+        fdatasync_yields: 20,
+        ..Faults::default()
+    };
+    let (store, _) = open(&CrashImage::default(), slow_disk);
+    let id = store.allocate_id();
+    block_on(async {
+        let mut append = Box::pin(store.append(id, 1, vec![payload(id, 40)]));
+        while store.state.borrow().rounds_in_flight == 0 {
+            assert!(futures_lite::future::poll_once(&mut append).await.is_none());
+        }
+        // Its fdatasync may still finish, unheard: nothing in that file is trusted again.
+        drop(append);
+    });
+    assert_eq!(store.state.borrow().rounds_in_flight, 0);
+    append_after_poisoning(&store);
+}
+
+#[test]
 fn failed_fdatasync_fails_its_records_and_rolls() {
     // fdatasync 1 initialises the first segment; 2 is the first commit round.
     let faults = Faults {
