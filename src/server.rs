@@ -140,11 +140,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     let tls = ServerTls::load(&config.tls)?.map(Arc::new);
-    let listeners = resolve_listeners(&config)?;
-    let metrics_addr = config
+    let (listeners, mut port_claims) = resolve_listeners(&config)?;
+    let metrics_claim = config
         .metrics_listen
         .map(|addr| probe_bind("metrics_listen", addr))
         .transpose()?;
+    let metrics_addr = metrics_claim.as_ref().map(|claim| claim.addr);
+    port_claims.extend(metrics_claim);
     let users = UserDirectory::new(
         config
             .users
@@ -238,6 +240,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             Ok(ShardEvent::Ready { .. }) => {
                 ready += 1;
                 if ready == shard_count {
+                    // Every shard listens: the ports are ours without the claims now.
+                    port_claims.clear();
                     announce(&shared);
                 }
             }
@@ -355,21 +359,34 @@ fn allowed_cpus() -> Vec<usize> {
 /// glommio binds with SO_REUSEPORT, which would silently let us share a port some other
 /// process already listens on. A first bind *without* SO_REUSEPORT fails in that case, so we
 /// can name the port; it also picks the port that every shard then shares when 0 was asked.
-fn resolve_listeners(config: &Config) -> Result<Vec<ListenerSpec>, ServerError> {
+/// The probe sockets come back as [`PortClaim`]s: hold them until every shard listens.
+fn resolve_listeners(config: &Config) -> Result<(Vec<ListenerSpec>, Vec<PortClaim>), ServerError> {
     let mut specs = Vec::new();
+    let mut claims = Vec::new();
     for (key, addrs) in config.listeners() {
         for addr in addrs {
-            let resolved = probe_bind(key, *addr)?;
+            let claim = probe_bind(key, *addr)?;
             specs.push(ListenerSpec {
                 kind: ListenerKind::from_config_key(key),
-                addr: resolved,
+                addr: claim.addr,
             });
+            claims.push(claim);
         }
     }
-    Ok(specs)
+    Ok((specs, claims))
 }
 
-fn probe_bind(key: &'static str, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+/// A listener's port, held by a bound socket that never listens between the probe and the
+/// moment the shards listen (log recovery lies in between, which can take seconds). Were the
+/// port let go, the kernel could hand a port-0 bind of another process the same port, and
+/// that process's SO_REUSEPORT listeners would join ours: clients of one server would land
+/// on the other. The shards bind beside the claim: it has SO_REUSEADDR and does not listen.
+struct PortClaim {
+    addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+fn probe_bind(key: &'static str, addr: SocketAddr) -> Result<PortClaim, ServerError> {
     use socket2::{Domain, Socket, Type};
     let listen_error = |source| ServerError::Listen { key, addr, source };
     let socket =
@@ -387,11 +404,15 @@ fn probe_bind(key: &'static str, addr: SocketAddr) -> Result<SocketAddr, ServerE
         }
         Err(e) => return Err(listen_error(e)),
     }
-    socket
+    let addr = socket
         .local_addr()
         .map_err(listen_error)?
         .as_socket()
-        .ok_or_else(|| listen_error(std::io::Error::other("not an IP socket")))
+        .ok_or_else(|| listen_error(std::io::Error::other("not an IP socket")))?;
+    Ok(PortClaim {
+        addr,
+        _socket: socket,
+    })
 }
 
 /// The exclusive lock on `data_dir`, held for the life of the process.
@@ -435,5 +456,51 @@ impl DataDirLock {
         file.set_len(0).map_err(io)?;
         writeln!(file, "{}", std::process::id()).map_err(io)?;
         Ok(DataDirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bind without SO_REUSEADDR conflicts wherever the kernel's choice of a port for a
+    /// port-0 bind does: a port such a bind cannot take is one no other process is handed.
+    fn taken_by_others(addr: SocketAddr) -> bool {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        match socket.bind(&addr.into()) {
+            Ok(()) => false,
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn a_probed_port_stays_claimed_until_the_shards_listen_beside_the_claim() {
+        let claim = probe_bind("smtp.listen", "127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(claim.addr.port(), 0);
+        assert!(taken_by_others(claim.addr));
+        let shards: Vec<_> = (0..2)
+            .map(|_| crate::shard::listening_socket(claim.addr).unwrap())
+            .collect();
+        drop(claim);
+        assert!(taken_by_others(
+            shards[0].local_addr().unwrap().as_socket().unwrap()
+        ));
+    }
+
+    #[test]
+    fn a_port_with_a_listener_of_another_socket_is_refused_by_name() {
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = other.local_addr().unwrap();
+        assert!(matches!(
+            probe_bind("smtp.listen", addr),
+            Err(ServerError::PortInUse {
+                key: "smtp.listen",
+                ..
+            })
+        ));
     }
 }

@@ -354,6 +354,13 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
 /// Binds one shard's socket for a listener: SO_REUSEPORT so every shard gets its own accept
 /// queue and the kernel spreads connections across them.
 fn bind(addr: SocketAddr) -> Result<TcpListener, ShardError> {
+    let socket = listening_socket(addr)?;
+    // SAFETY: the descriptor is a listening TCP socket whose ownership moves to the listener.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// The listening socket behind [`bind`], before glommio takes it.
+pub(crate) fn listening_socket(addr: SocketAddr) -> Result<socket2::Socket, ShardError> {
     use socket2::{Domain, Socket, Type};
     let listen_error = |source| ShardError::Listen { addr, source };
     let socket =
@@ -368,8 +375,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ShardError> {
     }
     socket.bind(&addr.into()).map_err(listen_error)?;
     socket.listen(LISTEN_BACKLOG).map_err(listen_error)?;
-    // SAFETY: the descriptor is a listening TCP socket whose ownership moves to the listener.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+    Ok(socket)
 }
 
 async fn accept_loop(
