@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -237,16 +238,15 @@ pub fn answer(zone: &Zone, query: &[u8], transport: Transport) -> Option<Vec<u8>
 
 /// Serves `zone` on UDP and TCP at `listen` until the process is killed.
 pub fn run(listen: SocketAddr, zone: Zone) -> anyhow::Result<()> {
-    // glommio binds with SO_REUSEPORT, which could share a port with another server that
-    // set it too; a plain UDP bind fails if the port is taken (and resolves port 0), and a
-    // TCP connect finds a listener.
-    let listen = {
-        let udp = std::net::UdpSocket::bind(listen)
-            .map_err(|e| anyhow::anyhow!("cannot listen on udp {listen}: {e}"))?;
-        let bound = udp.local_addr()?;
-        crate::pool::refuse_if_listening(bound)?;
-        bound
-    };
+    // glommio's binds set SO_REUSEPORT, which would let us share the port with another
+    // server that set it too (and, for UDP, can even hand port 0 one that is in use). Plain
+    // binds fail if the port is taken; the UDP bind resolves port 0 and the TCP listener
+    // takes the same port.
+    let udp = std::net::UdpSocket::bind(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on udp {listen}: {e}"))?;
+    let listen = udp.local_addr()?;
+    let tcp = std::net::TcpListener::bind(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on tcp {listen}: {e}"))?;
     let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("dns")
         .io_memory(512 * 1024)
@@ -254,8 +254,13 @@ pub fn run(listen: SocketAddr, zone: Zone) -> anyhow::Result<()> {
         .map_err(std::io::Error::from)?;
     let result: std::io::Result<()> = executor.run(async move {
         let zone = Rc::new(zone);
-        let udp = UdpSocket::bind(listen).map_err(std::io::Error::from)?;
-        let tcp = TcpListener::bind(listen).map_err(std::io::Error::from)?;
+        // SAFETY: bound sockets (the TCP one listening) whose descriptors move to glommio.
+        let (udp, tcp) = unsafe {
+            (
+                UdpSocket::from_raw_fd(udp.into_raw_fd()),
+                TcpListener::from_raw_fd(tcp.into_raw_fd()),
+            )
+        };
         println!("dns listening on {listen} (udp and tcp)");
         let tcp_zone = zone.clone();
         glommio::spawn_local(async move {

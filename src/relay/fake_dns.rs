@@ -133,15 +133,38 @@ pub struct FakeDns {
     pub tcp_queries: Rc<Cell<u64>>,
 }
 
+/// A UDP socket on a port of loopback that no other socket shares. (This file stands alone:
+/// the integration tests include it by path, so it cannot borrow the resolver's twin.)
+fn exclusive_udp_socket() -> std::io::Result<glommio::net::UdpSocket> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // SAFETY: a bound UDP socket whose descriptor moves to glommio's socket.
+    Ok(unsafe { glommio::net::UdpSocket::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// A TCP listener that fails to bind where any other socket listens.
+fn exclusive_tcp_listener(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    // SAFETY: a bound, listening TCP socket whose descriptor moves to the listener.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
 /// Start serving `zone` on 127.0.0.1 (a free port) on the current executor.
 pub fn spawn(zone: Zone) -> FakeDns {
     // A port free for UDP may be taken for TCP (tests running beside us open connections
-    // from ephemeral ports): try a few until both bind.
+    // from ephemeral ports): try a few until both bind. Neither socket sets SO_REUSEPORT,
+    // which glommio's own binds do: with it, the TCP bind could join another process's
+    // listener on the port (a ringmail under test, say), and the UDP bind could be handed a
+    // port another fake DNS already answers on.
     let (udp, tcp, addr) = (0..64)
         .find_map(|_| {
-            let udp = glommio::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+            let udp = exclusive_udp_socket().ok()?;
             let addr = udp.local_addr().ok()?;
-            let tcp = glommio::net::TcpListener::bind(addr).ok()?;
+            let tcp = exclusive_tcp_listener(addr).ok()?;
             Some((udp, tcp, addr))
         })
         .expect("bind fake DNS on UDP and TCP");
