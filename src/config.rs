@@ -279,7 +279,13 @@ impl Config {
                     submission_listen: s.socket_addrs("submission_listen", &[]),
                     tls_listen: s.socket_addrs("tls_listen", &[]),
                     max_message_size: s.integer("max_message_size", 26_214_400, 1, 1 << 40),
-                    max_recipients: s.integer("max_recipients", 100, 1, 100_000) as usize,
+                    // The log's envelope counts recipients in 16 bits.
+                    max_recipients: s.integer(
+                        "max_recipients",
+                        100,
+                        1,
+                        crate::envelope::MAX_RECIPIENTS as u64,
+                    ) as usize,
                     max_connections: s.integer("max_connections", 10_000, 1, 10_000_000) as usize,
                     max_connections_per_ip: s.integer("max_connections_per_ip", 100, 1, 10_000_000)
                         as usize,
@@ -1070,6 +1076,14 @@ mod tests {
         assert!(keys.contains(&"smtp.listen[0]"), "{keys:?}");
         assert!(keys.contains(&"smtp.extra"), "{keys:?}");
         assert!(keys.contains(&"relay.resolver"), "{keys:?}");
+    }
+
+    #[test]
+    fn max_recipients_stops_where_the_log_can_count_them() {
+        let found = problems("[smtp]\nmax_recipients = 65536\n");
+        assert_eq!(found[0].key, "smtp.max_recipients");
+        assert!(found[0].message.contains("1..=65535"), "{found:?}");
+        assert!(Config::parse("t.toml", "[smtp]\nmax_recipients = 65535\n").is_ok());
     }
 
     #[test]

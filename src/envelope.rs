@@ -123,7 +123,9 @@ pub fn encode_envelope(envelope: &Envelope, received_len: usize, body_len: u64) 
     out.extend_from_slice(&(received_len as u32).to_le_bytes());
     out.extend_from_slice(&body_len.to_le_bytes());
     put_str(&mut out, &envelope.mail_from);
-    out.extend_from_slice(&(envelope.recipients.len() as u16).to_le_bytes());
+    let recipients = u16::try_from(envelope.recipients.len())
+        .expect("smtp.max_recipients keeps a message within MAX_RECIPIENTS");
+    out.extend_from_slice(&recipients.to_le_bytes());
     for r in &envelope.recipients {
         put_str(&mut out, &r.address);
         match &r.destination {

@@ -166,7 +166,8 @@ pub async fn index_on_owner(
         key: MessageKey {
             shard: shard.id as u16,
             record: record.0,
-            recipient: recipient as u16,
+            recipient: u16::try_from(recipient)
+                .expect("smtp.max_recipients keeps a message within MAX_RECIPIENTS"),
         },
         received_at_us: envelope.received_at_us,
         size_octets: retr_size_octets(&envelope.mail_from, stored_message_len),
