@@ -171,7 +171,13 @@ impl<D: SegmentDir> Store<D> {
 
     /// Writes tombstones for `ids` and applies them once durable.
     pub(super) async fn write_tombstones(&self, ids: &[RecordId]) -> Result<(), StoreError> {
-        for chunk in ids.chunks(MAX_IDS_PER_TOMBSTONE) {
+        // Eight bytes an id; a small max_record_bytes (a small max_message_size) must not
+        // make a large batch unwritable, or reclaim would stall on it for good.
+        let max_bytes = self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES);
+        let ids_per_record = usize::try_from(max_bytes / 8)
+            .unwrap_or(usize::MAX)
+            .clamp(1, MAX_IDS_PER_TOMBSTONE);
+        for chunk in ids.chunks(ids_per_record) {
             let payload: Vec<u8> = chunk.iter().flat_map(|id| id.0.to_le_bytes()).collect();
             let placed = self
                 .append_record(RecordType::Tombstone, RecordId(0), 0, vec![payload])
