@@ -116,8 +116,20 @@ impl<D: SegmentDir> Store<D> {
                 report.bytes_copied += bytes.len() as u64;
                 copies.push(self.append_record(RecordType::Data, id, loc.kind, vec![bytes]));
             }
+            // Count every copy that landed before giving up on one that did not: an
+            // uncounted durable copy would let this record's tombstone be dropped later,
+            // and the copy would come back to life after a restart.
+            let mut first_error = None;
             for placed in join_all(copies).await {
-                self.apply_data(placed?);
+                match placed {
+                    Ok(placed) => self.apply_data(placed),
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                    }
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(error);
             }
         }
         self.state.borrow_mut().stats.compaction_bytes_copied += report.bytes_copied;
@@ -142,6 +154,19 @@ impl<D: SegmentDir> Store<D> {
             for id in &seg.tombstoned {
                 *killed_here.entry(*id).or_default() += 1;
             }
+            // A segment unlinked but not yet known to be gone (its directory sync failed)
+            // is gone for good after the next sync, ours included: its tombstones protect
+            // nothing. (Its data copies still count as held: the file may also come back.)
+            let mut killed_in_unlinked: HashMap<RecordId, u32> = HashMap::new();
+            for other in st
+                .segments
+                .values()
+                .filter(|s| s.unlinked && s.name.seq != seq)
+            {
+                for id in &other.tombstoned {
+                    *killed_in_unlinked.entry(*id).or_default() += 1;
+                }
+            }
             let mut carry: Vec<RecordId> = killed_here
                 .iter()
                 .filter(|(id, killed)| {
@@ -156,7 +181,8 @@ impl<D: SegmentDir> Store<D> {
                         .get(id)
                         .copied()
                         .unwrap_or(0)
-                        .saturating_sub(**killed);
+                        .saturating_sub(**killed)
+                        .saturating_sub(killed_in_unlinked.get(id).copied().unwrap_or(0));
                     held_elsewhere > 0 && killed_elsewhere == 0
                 })
                 .map(|(id, _)| *id)
