@@ -375,6 +375,69 @@ fn tombstone_is_carried_while_its_record_survives() {
 }
 
 #[test]
+fn a_tombstone_batch_larger_than_one_record_is_split_to_fit() {
+    // 9,000 ids take 72,000 bytes, more than this store's 64 KiB records.
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let ids = fill(&store, 9000, 0);
+    block_on(store.mark_dead(&ids)).unwrap();
+    assert!(ids_after_power_cut(&store).is_empty());
+}
+
+#[test]
+fn a_compaction_that_fails_part_way_still_counts_the_copies_it_made() {
+    // Two live records (x1 large, x2 small) share a sparse segment. Compaction copies both;
+    // for some sync failure the large copy needs a roll that fails while the small one
+    // lands. Both are then killed and everything reclaimed: no killed record may return.
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let [x1, x2, d1, d2, l1, l2] = [(); 6].map(|_| store.allocate_id());
+    block_on(async {
+        store.append(x1, 0, vec![payload(x1, 1500)]).await.unwrap();
+        store.append(x2, 0, vec![payload(x2, 100)]).await.unwrap();
+        store.append(d1, 0, vec![payload(d1, 1500)]).await.unwrap();
+        store.append(d2, 0, vec![payload(d2, 700)]).await.unwrap();
+        store.append(l1, 0, vec![payload(l1, 1500)]).await.unwrap();
+        store.mark_dead(&[d1, d2]).await.unwrap();
+        store.append(l2, 0, vec![payload(l2, 1500)]).await.unwrap();
+    });
+    assert_eq!(store.segment_count(), 2);
+    let image = store.dir().cut_power_now();
+    let mut failed_compactions = 0;
+    for failing_sync in 1..8 {
+        let faults = Faults {
+            fail_fdatasync_at: Some(failing_sync),
+            ..Faults::default()
+        };
+        let (store, _) = open(&image, faults);
+        if block_on(store.reclaim()).is_ok() {
+            continue;
+        }
+        failed_compactions += 1;
+        let [y1, y2, z] = [(); 3].map(|_| store.allocate_id());
+        let went_on = block_on(async {
+            store.append(y1, 0, vec![payload(y1, 1500)]).await?;
+            store.mark_dead(&[x1, x2]).await?;
+            store.append(y2, 0, vec![payload(y2, 1500)]).await?;
+            store.mark_dead(&[y1, y2]).await?;
+            store.append(z, 0, vec![payload(z, 1500)]).await?;
+            Ok::<_, StoreError>(())
+        });
+        if went_on.is_err() {
+            continue;
+        }
+        let _ = block_on(store.reclaim());
+        let got = ids_after_power_cut(&store);
+        assert!(
+            !got.contains(&x1.0) && !got.contains(&x2.0),
+            "sync {failing_sync} failing: a killed record came back: {got:?}"
+        );
+    }
+    assert!(
+        failed_compactions > 0,
+        "no injected failure reached compaction"
+    );
+}
+
+#[test]
 fn ids_are_not_reused_after_every_segment_was_deleted() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
     let ids = fill(&store, 20, 500);
