@@ -426,7 +426,17 @@ impl DataDirLock {
             path: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            // Make the new name durable (the shards sync what they create below it).
+            let parent = match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            File::open(parent)
+                .and_then(|parent| parent.sync_all())
+                .map_err(io)?;
+        }
         let lock_path = dir.join("lock");
         let mut file = OpenOptions::new()
             .read(true)

@@ -83,6 +83,13 @@ impl DiskDir {
         }
         for at in missing.into_iter().rev() {
             Directory::create(at).await?;
+            // A new directory's name is durable only once its parent is synced; without it
+            // a power cut could take the shard directory, and the log in it, with it.
+            let parent = match at.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            Directory::open(parent).await?.sync().await?;
         }
         Ok(DiskDir {
             path: path.to_owned(),
