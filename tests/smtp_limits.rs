@@ -1,10 +1,12 @@
-//! SMTP limits without a configuration key of their own, on the real binary (SPEC §6).
+//! SMTP limits without a configuration key of their own, on the real binary: the per-shard
+//! cap on DATA bytes not yet durable and the minimum data rate (SPEC §6).
 
 mod common;
 
 use common::{mail_config, pop3_retrieve_all, LineClient, Server};
+use std::io::Write;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A client that has said EHLO, MAIL and RCPT for bob.
 fn in_transaction(server: &Server, from: &str) -> LineClient {
@@ -86,4 +88,55 @@ fn a_shard_over_its_data_cap_still_answers_commands_and_loses_nothing() {
             "sender {n}'s message is not stored intact"
         );
     }
+}
+
+/// Two seconds of idle timeout make the data rate's window two seconds too.
+const SHORT_IDLE: &str = "idle_timeout_secs = 2";
+/// Far below 1024 bytes/s, yet never silent for the idle timeout.
+const TRICKLE_PAUSE: Duration = Duration::from_millis(300);
+
+#[test]
+fn a_body_sent_as_tiny_bdat_chunks_is_held_to_the_minimum_data_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", SHORT_IDLE));
+    let mut c = in_transaction(&server, "slow@remote.test");
+    let started = Instant::now();
+    for _ in 0..100 {
+        // The server may already have closed: a failed write shows as the 421 below.
+        let _ = c.stream.write_all(b"BDAT 1\r\nx");
+        let reply = c.reply();
+        if reply.starts_with("421 4.4.2") {
+            assert!(started.elapsed() >= Duration::from_secs(2));
+            return;
+        }
+        assert!(reply.starts_with("250 2.0.0 1 octets"), "{reply}");
+        std::thread::sleep(TRICKLE_PAUSE);
+    }
+    panic!(
+        "a BDAT trickle was still served after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_trickling_data_body_is_cut_off_after_the_rate_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", SHORT_IDLE));
+    let mut c = in_transaction(&server, "slow@remote.test");
+    assert!(c.command("DATA").starts_with("354"));
+    let started = Instant::now();
+    let mut stream = c.stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if stream.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(TRICKLE_PAUSE);
+        }
+    });
+    let reply = c.reply();
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // The writer stops at its first failed write now that the server has closed.
+    trickle.join().unwrap();
 }

@@ -20,7 +20,8 @@ use crate::smtp::{Action, PeerInfo, Session};
 /// A transfer slower than this, measured over at least [`MIN_DATA_RATE_WINDOW`], is dropped
 /// so a slow client cannot hold a connection slot forever.
 pub const MIN_DATA_RATE_BYTES_PER_SEC: u64 = 1024;
-/// The window over which the data rate is judged.
+/// The window over which the data rate is judged, or the idle timeout where that is shorter:
+/// an operator who wants silent clients gone sooner wants trickling ones gone sooner too.
 pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
 /// How long a reply may wait for the client to read it.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,7 +67,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         },
     );
     let idle_timeout = config.smtp.idle_timeout;
-    let rate_window = MIN_DATA_RATE_WINDOW;
+    let rate_window = MIN_DATA_RATE_WINDOW.min(idle_timeout);
     // Counts the body bytes this session holds until they are durable or dropped; its drop
     // gives them back however the connection ends.
     let mut hold = shard.data_bytes.hold();
@@ -193,7 +194,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 received_bytes += n as u64;
                 shard.metrics.smtp.received(n);
                 session.input_filled(n);
-                if session.receiving_body() {
+                // The clock runs over the whole body: for BDAT from the first chunk to the
+                // end of the last, not chunk by chunk, or tiny chunks would dodge it.
+                if session.in_body_transfer() {
                     let clock = rate.get_or_insert_with(|| {
                         RateClock::start(Instant::now(), received_bytes - n as u64, rate_window)
                     });
