@@ -45,6 +45,9 @@ impl ConnectionLimits {
 
     /// Admits a connection from `ip`, or says which limit it would break.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Refusal> {
+        // A dual-stack listener shows an IPv4 client as ::ffff:a.b.c.d; counted raw, the same
+        // client would get a second allowance beside its plain IPv4 connections.
+        let ip = ip.to_canonical();
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::TooManyConnections);
@@ -103,5 +106,25 @@ mod tests {
         assert_eq!(limits.open(), 2);
         let _s4 = limits.admit(a).unwrap();
         assert!(limits.per_ip.lock().unwrap().len() == 2);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_count_as_their_ipv4_address() {
+        let limits = ConnectionLimits::new(10, 2);
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let _s1 = limits.admit(v4).unwrap();
+        let s2 = limits.admit(mapped).unwrap();
+        assert_eq!(limits.admit(v4).unwrap_err(), Refusal::TooManyFromAddress);
+        assert_eq!(
+            limits.admit(mapped).unwrap_err(),
+            Refusal::TooManyFromAddress
+        );
+        assert_eq!(limits.per_ip.lock().unwrap().len(), 1);
+        // The slot frees the canonical entry it counted, not the mapped form.
+        drop(s2);
+        let _s3 = limits.admit(mapped).unwrap();
+        // A real IPv6 address is its own client.
+        let _s4 = limits.admit("2001:db8::7".parse().unwrap()).unwrap();
     }
 }

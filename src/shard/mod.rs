@@ -6,6 +6,7 @@
 //! when every shard has done so does the main thread let them bind their listeners.
 
 mod conn;
+pub mod data_bytes;
 mod inbox;
 mod ingest;
 pub mod ledger;
@@ -126,17 +127,11 @@ pub struct Shard {
     next_session: Cell<u64>,
     /// statvfs is a system call: sample free space at most every [`FREE_SPACE_SAMPLE`].
     free_space: Cell<(Instant, u64)>,
-    /// DATA bytes held by this shard's sessions and not yet durable.
-    data_bytes: Cell<u64>,
-    /// Above this, sessions that hold no body bytes wait before reading.
-    data_bytes_cap: u64,
+    /// DATA bytes held by this shard's sessions and not yet durable, capped.
+    pub data_bytes: data_bytes::DataBytes,
     /// This shard's counters; shard 0's scrape endpoint reads them without locks.
     pub metrics: Arc<crate::metrics::ShardMetrics>,
 }
-
-/// DATA bytes a shard holds before new bodies wait; at least two maximal messages so that one
-/// always fits beside another in progress.
-pub const DATA_BYTES_CAP_FLOOR: u64 = 256 << 20;
 
 const FREE_SPACE_SAMPLE: Duration = Duration::from_millis(100);
 
@@ -170,22 +165,6 @@ impl Shard {
         let serial = self.next_session.get();
         self.next_session.set(serial + 1);
         serial
-    }
-
-    /// Whether this shard holds more undurable DATA bytes than its cap.
-    pub fn data_bytes_over_cap(&self) -> bool {
-        self.data_bytes.get() > self.data_bytes_cap
-    }
-
-    /// A session's held body bytes went from `before` to `after`.
-    pub fn adjust_data_bytes(&self, before: u64, after: u64) {
-        self.data_bytes
-            .set((self.data_bytes.get() + after).saturating_sub(before));
-    }
-
-    /// A session handed its body to the log or dropped it.
-    pub fn release_data_bytes(&self, held: u64) {
-        self.adjust_data_bytes(held, 0);
     }
 
     /// Free bytes on the log's file system, sampled.
@@ -273,8 +252,9 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
         relay: relay::RelayState::new(config, &shared.relay),
         next_session: Cell::new(1),
         free_space: Cell::new((Instant::now() - FREE_SPACE_SAMPLE, 0)),
-        data_bytes: Cell::new(0),
-        data_bytes_cap: DATA_BYTES_CAP_FLOOR.max(config.smtp.max_message_size.saturating_mul(2)),
+        data_bytes: data_bytes::DataBytes::new(data_bytes::data_bytes_cap(
+            config.smtp.max_message_size,
+        )),
         metrics: Arc::clone(&shared.metrics[id]),
     });
 

@@ -20,7 +20,8 @@ use crate::smtp::{Action, PeerInfo, Session};
 /// A transfer slower than this, measured over at least [`MIN_DATA_RATE_WINDOW`], is dropped
 /// so a slow client cannot hold a connection slot forever.
 pub const MIN_DATA_RATE_BYTES_PER_SEC: u64 = 1024;
-/// The window over which the data rate is judged.
+/// The window over which the data rate is judged, or the idle timeout where that is shorter:
+/// an operator who wants silent clients gone sooner wants trickling ones gone sooner too.
 pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
 /// How long a reply may wait for the client to read it.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,8 +67,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         },
     );
     let idle_timeout = config.smtp.idle_timeout;
-    let mut held_body_bytes = 0u64;
-    let mut body_started: Option<(Instant, u64)> = None;
+    let rate_window = MIN_DATA_RATE_WINDOW.min(idle_timeout);
+    // Counts the body bytes this session holds until they are durable or dropped; its drop
+    // gives them back however the connection ends.
+    let mut hold = shard.data_bytes.hold();
+    let mut rate: Option<RateClock> = None;
     let mut received_bytes = 0u64;
 
     let outcome: &str = loop {
@@ -82,11 +86,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 Err(_) => break "write failed",
             }
         }
+        // Before poll_action: a finished message still counts while the store makes it
+        // durable, and is only given back here, on the turn after message_stored.
+        hold.update(session.buffered_body_bytes(), session.in_body_transfer());
         match session.poll_action() {
             Action::StoreMessage(transaction) => {
-                shard.release_data_bytes(held_body_bytes);
-                held_body_bytes = 0;
-                body_started = None;
+                // The next body, pipelined behind this one, starts its own clock.
+                rate = None;
                 let result = ingest::store_transaction(&shard, transaction).await;
                 shard.metrics.record_message(&result);
                 session.message_stored(result);
@@ -121,10 +127,31 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     // Output is flushed above; a session that still wants nothing is done.
                     break "stalled";
                 }
-                // Memory for DATA not yet durable is capped per shard: a session that holds
-                // no body bytes waits before it may start adding to the pile.
-                while held_body_bytes == 0 && shard.data_bytes_over_cap() {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                // Only a read that may bring body bytes waits for the shard's DATA-bytes cap
+                // (see `data_bytes`); commands are always read, so a full shard still serves
+                // everyone else. The wait is the server's doing: no idle timeout runs and the
+                // data-rate clock stops, but a stopping shard ends it.
+                if session.in_body_transfer() && !hold.may_read() {
+                    let waiting_since = Instant::now();
+                    let stopped = future::or(
+                        async {
+                            hold.room().await;
+                            false
+                        },
+                        async {
+                            shard.stopped().await;
+                            true
+                        },
+                    )
+                    .await;
+                    if stopped {
+                        session.shutting_down();
+                        let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
+                        break "shutdown while held back by the data cap";
+                    }
+                    if let Some(clock) = &mut rate {
+                        clock.pause(waiting_since.elapsed());
+                    }
                 }
                 let between_transactions = !session.in_transaction();
                 let read = future::or(
@@ -167,27 +194,78 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 received_bytes += n as u64;
                 shard.metrics.smtp.received(n);
                 session.input_filled(n);
-                let now_held = session.buffered_body_bytes();
-                shard.adjust_data_bytes(held_body_bytes, now_held);
-                held_body_bytes = now_held;
-                if session.receiving_body() {
-                    let (started, at_bytes) =
-                        *body_started.get_or_insert((Instant::now(), received_bytes - n as u64));
-                    let elapsed = started.elapsed();
-                    if elapsed > MIN_DATA_RATE_WINDOW
-                        && (received_bytes - at_bytes)
-                            < MIN_DATA_RATE_BYTES_PER_SEC * elapsed.as_secs()
-                    {
+                // The clock runs over the whole body: for BDAT from the first chunk to the
+                // end of the last, not chunk by chunk, or tiny chunks would dodge it.
+                if session.in_body_transfer() {
+                    let clock = rate.get_or_insert_with(|| {
+                        RateClock::start(Instant::now(), received_bytes - n as u64, rate_window)
+                    });
+                    if clock.too_slow(Instant::now(), received_bytes) {
                         session.timed_out();
                         let _ = write_all(&mut stream, session.output(), WRITE_TIMEOUT).await;
                         break "too slow";
                     }
                 } else {
-                    body_started = None;
+                    rate = None;
                 }
             }
         }
     };
-    shard.release_data_bytes(held_body_bytes);
     tracing::debug!(shard = shard.id, client = %peer, "smtp connection ended: {outcome}");
+}
+
+/// Judges a body transfer against [`MIN_DATA_RATE_BYTES_PER_SEC`].
+#[derive(Debug, Clone, Copy)]
+struct RateClock {
+    /// When the transfer started, moved later by time the server held the session back.
+    started: Instant,
+    /// Bytes received on the connection before the transfer.
+    bytes_before: u64,
+    window: Duration,
+}
+
+impl RateClock {
+    fn start(now: Instant, bytes_before: u64, window: Duration) -> RateClock {
+        RateClock {
+            started: now,
+            bytes_before,
+            window,
+        }
+    }
+
+    /// Time the server spent not reading is not the client's.
+    fn pause(&mut self, held_back: Duration) {
+        self.started += held_back;
+    }
+
+    /// Whether the client, with `received_bytes` received on the connection so far, is
+    /// slower than the minimum rate over a long enough stretch.
+    fn too_slow(&self, now: Instant, received_bytes: u64) -> bool {
+        let elapsed = now.saturating_duration_since(self.started);
+        elapsed > self.window
+            && received_bytes - self.bytes_before < MIN_DATA_RATE_BYTES_PER_SEC * elapsed.as_secs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_judged_only_after_the_window() {
+        let t0 = Instant::now();
+        let clock = RateClock::start(t0, 100, MIN_DATA_RATE_WINDOW);
+        assert!(!clock.too_slow(t0 + Duration::from_secs(29), 110));
+        assert!(clock.too_slow(t0 + Duration::from_secs(31), 110));
+        assert!(!clock.too_slow(t0 + Duration::from_secs(31), 100 + 31 * 1024));
+    }
+
+    #[test]
+    fn time_held_back_by_the_server_is_not_counted() {
+        let t0 = Instant::now();
+        let mut clock = RateClock::start(t0, 0, Duration::from_secs(2));
+        assert!(clock.too_slow(t0 + Duration::from_secs(10), 5_000));
+        clock.pause(Duration::from_secs(8));
+        assert!(!clock.too_slow(t0 + Duration::from_secs(10), 5_000));
+    }
 }

@@ -560,19 +560,36 @@ impl Session {
         self.body_bytes_copied
     }
 
-    /// Body bytes held in memory and not yet handed to the loop (input buffers moved into
-    /// an unfinished DATA or BDAT body): the loop sums these to cap DATA not yet durable.
+    /// True from the start of a message body to its end: in DATA after 354, inside a BDAT
+    /// chunk, and between the chunks of a BDAT transaction, whose next read usually carries
+    /// chunk octets right behind the BDAT command. The loop's DATA-bytes cap and minimum
+    /// data rate apply over this whole span, so a body sent as many tiny chunks is judged
+    /// as one transfer.
+    pub fn in_body_transfer(&self) -> bool {
+        self.receiving_body() || self.envelope.as_ref().is_some_and(|e| e.bdat.is_some())
+    }
+
+    /// Body bytes held in memory that may still become a record: an unfinished DATA body
+    /// (whole buffers and the partly filled one), the BDAT chunks so far, and a message
+    /// handed out as [`Action::StoreMessage`] but not yet taken by the loop. Bytes of a body
+    /// already being thrown away (too big, bare line ending) are not counted. The loop sums
+    /// these per shard to cap DATA not yet durable.
     pub fn buffered_body_bytes(&self) -> u64 {
+        let pieces = |body: &[Vec<u8>]| body.iter().map(|b| b.len() as u64).sum::<u64>();
         let data = match &self.phase {
-            Phase::Data(data) => data.body.iter().map(|b| b.len() as u64).sum(),
+            Phase::Data(data) if !data.too_big && !data.scanner.saw_bare_line_ending() => {
+                // A DATA body starts at offset 0 of its buffer: everything filled is body.
+                pieces(&data.body) + self.filled as u64
+            }
             _ => 0,
         };
         let bdat = self
             .envelope
             .as_ref()
             .and_then(|e| e.bdat.as_ref())
-            .map_or(0, |b| b.body.iter().map(|b| b.len() as u64).sum());
-        data + bdat
+            .map_or(0, |b| pieces(&b.body));
+        let pending = self.pending_store.as_ref().map_or(0, |t| pieces(&t.body));
+        data + bdat + pending
     }
 
     fn in_body(&self) -> bool {

@@ -1,0 +1,142 @@
+//! SMTP limits without a configuration key of their own, on the real binary: the per-shard
+//! cap on DATA bytes not yet durable and the minimum data rate (SPEC §6).
+
+mod common;
+
+use common::{mail_config, pop3_retrieve_all, LineClient, Server};
+use std::io::Write;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A client that has said EHLO, MAIL and RCPT for bob.
+fn in_transaction(server: &Server, from: &str) -> LineClient {
+    let mut c = LineClient::connect(server.addr("smtp"));
+    assert!(c.reply().starts_with("220"));
+    assert!(c.command("EHLO client.test").starts_with("250"));
+    assert!(c.command(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+    assert!(c.command("RCPT TO:<bob@example.test>").starts_with("250"));
+    c
+}
+
+#[test]
+fn a_shard_over_its_data_cap_still_answers_commands_and_loses_nothing() {
+    const SENDERS: usize = 40;
+    const BODY_LINES: usize = 2400;
+    let dir = tempfile::tempdir().unwrap();
+    // 256 KiB messages give a cap of 4 MiB; the senders hold about 9.4 MiB of bodies.
+    let server = Server::start(
+        dir.path(),
+        &mail_config(dir.path(), 1, "", "max_message_size = 262144"),
+    );
+    let (in_body, bodies_started) = mpsc::channel();
+    let go = Arc::new((Mutex::new(false), Condvar::new()));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|n| {
+            let mut c = in_transaction(&server, &format!("s{n}@remote.test"));
+            let in_body = in_body.clone();
+            let go = Arc::clone(&go);
+            std::thread::spawn(move || {
+                let body: Vec<u8> = (0..BODY_LINES)
+                    .flat_map(|line| {
+                        format!("sender {n:02} line {line:04} {}\r\n", "x".repeat(76)).into_bytes()
+                    })
+                    .collect();
+                assert!(c.command("DATA").starts_with("354"));
+                in_body.send(()).unwrap();
+                // Blocks while the server holds this session back.
+                c.send(&body);
+                let (finish, started) = &*go;
+                drop(
+                    started
+                        .wait_while(finish.lock().unwrap(), |go| !*go)
+                        .unwrap(),
+                );
+                c.send(b".\r\n");
+                let reply = c.reply();
+                assert!(reply.starts_with("250 2.0.0"), "sender {n}: {reply}");
+                body
+            })
+        })
+        .collect();
+    for _ in 0..SENDERS {
+        bodies_started
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap();
+    }
+    // Let the bodies pile up against the cap.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut newcomer = LineClient::connect(server.addr("smtp"));
+    assert!(newcomer.reply().starts_with("220"));
+    assert!(newcomer.command("EHLO late.test").starts_with("250"));
+    assert!(newcomer
+        .command("MAIL FROM:<late@remote.test>")
+        .starts_with("250"));
+    assert!(newcomer.command("QUIT").starts_with("221"));
+
+    {
+        let (finish, started) = &*go;
+        *finish.lock().unwrap() = true;
+        started.notify_all();
+    }
+    let bodies: Vec<Vec<u8>> = senders.into_iter().map(|s| s.join().unwrap()).collect();
+    let stored = pop3_retrieve_all(server.addr("pop3"), "bob@example.test");
+    assert_eq!(stored.len(), SENDERS);
+    for (n, body) in bodies.iter().enumerate() {
+        assert!(
+            stored.iter().any(|m| m.ends_with(body)),
+            "sender {n}'s message is not stored intact"
+        );
+    }
+}
+
+/// Two seconds of idle timeout make the data rate's window two seconds too.
+const SHORT_IDLE: &str = "idle_timeout_secs = 2";
+/// Far below 1024 bytes/s, yet never silent for the idle timeout.
+const TRICKLE_PAUSE: Duration = Duration::from_millis(300);
+
+#[test]
+fn a_body_sent_as_tiny_bdat_chunks_is_held_to_the_minimum_data_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", SHORT_IDLE));
+    let mut c = in_transaction(&server, "slow@remote.test");
+    let started = Instant::now();
+    for _ in 0..100 {
+        // The server may already have closed: a failed write shows as the 421 below.
+        let _ = c.stream.write_all(b"BDAT 1\r\nx");
+        let reply = c.reply();
+        if reply.starts_with("421 4.4.2") {
+            assert!(started.elapsed() >= Duration::from_secs(2));
+            return;
+        }
+        assert!(reply.starts_with("250 2.0.0 1 octets"), "{reply}");
+        std::thread::sleep(TRICKLE_PAUSE);
+    }
+    panic!(
+        "a BDAT trickle was still served after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_trickling_data_body_is_cut_off_after_the_rate_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", SHORT_IDLE));
+    let mut c = in_transaction(&server, "slow@remote.test");
+    assert!(c.command("DATA").starts_with("354"));
+    let started = Instant::now();
+    let mut stream = c.stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if stream.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(TRICKLE_PAUSE);
+        }
+    });
+    let reply = c.reply();
+    assert!(reply.starts_with("421 4.4.2"), "{reply}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // The writer stops at its first failed write now that the server has closed.
+    trickle.join().unwrap();
+}
