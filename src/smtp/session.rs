@@ -611,6 +611,19 @@ impl Session {
         }
     }
 
+    /// Queues a refusal and closes, outside the error count: for input after which the
+    /// session can no longer tell commands from message bytes.
+    fn refuse_and_close(&mut self, reply: Reply) {
+        tracing::info!(
+            client = %self.peer.addr,
+            code = reply.code,
+            reason = reply.text,
+            "smtp refused and closing"
+        );
+        reply.write_to(&mut self.output);
+        self.close();
+    }
+
     fn close(&mut self) {
         self.phase = Phase::Closed;
         self.envelope = None;
@@ -662,6 +675,11 @@ impl Session {
         let max_line_bytes = self.max_line_bytes(window);
         let Some(lf) = memchr(b'\n', window) else {
             if window.len() >= max_line_bytes {
+                if command::starts_bdat(window) {
+                    // A chunk of unknown size follows: nothing after this is a command.
+                    self.refuse_and_close(replies::LINE_TOO_LONG);
+                    return true;
+                }
                 // Drop what we have; the rest goes as it arrives.
                 self.consumed = self.filled;
                 self.phase = Phase::DiscardingLongLine;
@@ -672,19 +690,30 @@ impl Session {
         let line_len = lf + 1;
         let start = self.consumed;
         self.consumed += line_len;
+        let line = &self.input[start..start + line_len];
+        // A BDAT line refused for its framing still announces a chunk whose size we will
+        // not trust: close rather than run the chunk as commands.
+        let is_bdat = matches!(self.phase, Phase::Command) && command::starts_bdat(line);
         if line_len > max_line_bytes {
+            if is_bdat {
+                self.refuse_and_close(replies::LINE_TOO_LONG);
+                return true;
+            }
             if matches!(self.phase, Phase::Sasl(_)) {
                 self.phase = Phase::Command;
             }
             self.reply(replies::LINE_TOO_LONG);
             return true;
         }
-        let line = &self.input[start..start + line_len];
         // Exactly one CR, right before the LF: anything else is a bare CR or LF.
         let content = &line[..line_len - 1];
         if content.last() != Some(&b'\r') || memchr(b'\r', &content[..content.len() - 1]).is_some()
         {
-            self.reply(replies::BARE_LINE_ENDING);
+            if is_bdat {
+                self.refuse_and_close(replies::BARE_LINE_ENDING);
+            } else {
+                self.reply(replies::BARE_LINE_ENDING);
+            }
             return true;
         }
         // Take the buffer out so the parsed command can borrow it while `self` changes.
@@ -764,6 +793,14 @@ impl Session {
                 replies::HTTP_REFUSED.write_to(&mut self.output);
                 self.close();
                 return;
+            }
+            Err(CommandError::BdatSyntax { size_bytes }) => {
+                // The chunk comes anyway: skip it, then refuse, ending the transaction
+                // like any refused chunk.
+                return self.start_chunk(size_bytes, false, Some(replies::SYNTAX_ERROR));
+            }
+            Err(CommandError::BdatSizeUnreadable) => {
+                return self.refuse_and_close(replies::BDAT_SIZE_UNREADABLE)
             }
             Err(error) => return self.reply(error.reply()),
         };
@@ -1032,6 +1069,12 @@ impl Session {
 
     fn bdat(&mut self, size_bytes: u64, last: bool) {
         let refusal = self.envelope_refusal();
+        self.start_chunk(size_bytes, last, refusal);
+    }
+
+    /// Starts reading a BDAT chunk; with a `refusal` the chunk is read and dropped and the
+    /// refusal answers it.
+    fn start_chunk(&mut self, size_bytes: u64, last: bool, refusal: Option<Reply>) {
         if refusal.is_none() {
             if let Some(envelope) = &mut self.envelope {
                 envelope.bdat.get_or_insert_with(|| BdatBody {
