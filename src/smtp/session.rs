@@ -48,8 +48,11 @@ pub const COMMAND_BUFFER_BYTES: usize = 16 * 1024;
 /// grow memory without bound), and command processing pauses with it.
 pub const MAX_UNSENT_OUTPUT_BYTES: usize = 64 * 1024;
 
-/// Permanent failures (5xx) tolerated before the session answers 421 and closes: a
-/// client this confused is broken or probing.
+/// Permanent failures (5xx) tolerated since the last accepted message before the session
+/// answers 421 and closes: a client this confused is broken or probing. Refused recipients
+/// count (a dictionary attack is nothing but 550s), and so the count starts over with each
+/// message stored, as Postfix does: a sender whose every message has one stale address
+/// keeps its connection however many messages it sends.
 pub const MAX_ERRORS: u32 = 10;
 
 /// The whole reply to a connection refused before any session exists (over
@@ -322,7 +325,7 @@ pub struct Session {
     helo: Option<Helo>,
     /// Set by MAIL, cleared by the end of the transaction or RSET.
     envelope: Option<Envelope>,
-    /// Permanent failures so far.
+    /// Permanent failures since the last accepted message.
     errors: u32,
     /// A message ready for the loop.
     pending_store: Option<Transaction>,
@@ -434,6 +437,7 @@ impl Session {
         self.phase = Phase::Command;
         match result {
             Ok(queue_id) => {
+                self.errors = 0;
                 let text = format!("Ok: queued as {queue_id}");
                 write_line(
                     &mut self.output,

@@ -717,6 +717,84 @@ fn ten_errors_close_the_connection() {
 }
 
 #[test]
+fn an_accepted_message_starts_the_error_count_over() {
+    // Ten messages, each with one unknown recipient: ten 550s, none closes the connection.
+    let mut script = b"EHLO c\r\n".to_vec();
+    for _ in 0..10 {
+        script.extend_from_slice(
+            b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n\
+              BDAT 4 LAST\r\nhi\r\n",
+        );
+    }
+    script.extend_from_slice(b"QUIT\r\n");
+    let mut harness = Harness::standard();
+    harness.send(&script, usize::MAX);
+    let lines = harness.lines();
+    let transaction = [
+        "250 2.1.0 Sender ok",
+        "250 2.1.5 Recipient ok",
+        "550 5.1.1 No such user here",
+    ];
+    for (n, replies) in lines[8..8 + 40].chunks(4).enumerate() {
+        assert_eq!(replies[..3], transaction, "message {n}");
+        assert!(
+            replies[3].starts_with("250 2.0.0 Ok: queued as "),
+            "message {n}"
+        );
+    }
+    assert_eq!(lines[8 + 40..], ["221 2.0.0 Bye"]);
+    assert_eq!(harness.stored.len(), 10);
+}
+
+#[test]
+fn refused_recipients_alone_reach_the_error_limit() {
+    let mut script = b"EHLO c\r\nMAIL FROM:<>\r\n".to_vec();
+    for n in 0..11 {
+        script.extend_from_slice(format!("RCPT TO:<user{n}@example.test>\r\n").as_bytes());
+    }
+    let (harness, lines) = run(&script);
+    let refusals = lines[9..]
+        .iter()
+        .filter(|l| l.starts_with("550 5.1.1"))
+        .count();
+    assert_eq!(refusals, 10, "{lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("421 4.7.0 Too many errors, closing transmission channel")
+    );
+    assert!(harness.closed);
+}
+
+#[test]
+fn a_refused_message_does_not_reset_the_error_count() {
+    // Only a stored message starts the count over: nine errors, a refused message (its
+    // 552 is the tenth), and the connection closes.
+    let mut script = b"EHLO c\r\n".to_vec();
+    script.extend_from_slice(&b"FOO\r\n".repeat(9));
+    script.extend_from_slice(b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 1001 LAST\r\n");
+    script.extend_from_slice(&[b'x'; 1001]);
+    script.extend_from_slice(b"NOOP\r\n");
+    let (harness, lines) = run(&script);
+    assert_eq!(
+        lines[lines.len() - 2..],
+        [
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "421 4.7.0 Too many errors, closing transmission channel",
+        ]
+    );
+    assert!(harness.closed);
+    // With a message stored in between, the same errors are fine.
+    let mut script = b"EHLO c\r\n".to_vec();
+    script.extend_from_slice(&b"FOO\r\n".repeat(9));
+    script.extend_from_slice(b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 1 LAST\r\nx");
+    script.extend_from_slice(&b"FOO\r\n".repeat(9));
+    script.extend_from_slice(b"QUIT\r\n");
+    let (harness, lines) = run(&script);
+    assert_eq!(lines.last().map(String::as_str), Some("221 2.0.0 Bye"));
+    assert_eq!(harness.stored.len(), 1);
+}
+
+#[test]
 fn http_requests_are_refused_and_closed() {
     let (harness, lines) = run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(codes(&lines[1..]), ["554 5.7.0"]);
