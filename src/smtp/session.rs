@@ -112,6 +112,11 @@ pub enum StoreFailure {
     /// The server is draining: 421 4.3.2 and the connection closes.
     #[error("shutting down")]
     ShuttingDown,
+    /// The message does not fit a log record: 552 5.3.4, as for any message over the size
+    /// limit, since retrying cannot help (a 4xx would have the client retry until its
+    /// queue lifetime ends).
+    #[error("message too large for a log record")]
+    TooBig,
 }
 
 /// One accepted recipient.
@@ -449,6 +454,7 @@ impl Session {
             }
             Err(StoreFailure::SyncFailed) => self.reply(replies::STORE_SYNC_FAILED),
             Err(StoreFailure::DiskFull) => self.reply(replies::STORE_DISK_FULL),
+            Err(StoreFailure::TooBig) => self.reply(replies::MESSAGE_TOO_BIG),
             Err(StoreFailure::ShuttingDown) => {
                 self.reply(replies::SHUTTING_DOWN);
                 self.phase = Phase::Closed;

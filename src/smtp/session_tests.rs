@@ -806,6 +806,7 @@ fn store_failures_map_to_replies() {
     for (failure, want, closes) in [
         (StoreFailure::SyncFailed, "451 4.3.0", false),
         (StoreFailure::DiskFull, "452 4.3.1", false),
+        (StoreFailure::TooBig, "552 5.3.4", false),
         (StoreFailure::ShuttingDown, "421 4.3.2", true),
     ] {
         let mut harness = Harness::standard();
