@@ -77,7 +77,9 @@ pub struct SessionParams {
     pub hostname: String,
     /// Largest message accepted; advertised as SIZE. DATA bodies count as transmitted
     /// (dot-stuffed: one octet more per line that starts with a dot than RFC 1870 counts,
-    /// the price of never unstuffing); BDAT bodies count as received.
+    /// the price of never unstuffing); BDAT bodies count as received, so they may take up
+    /// to a third more once stuffed (the log's record limit allows for it, see
+    /// [`crate::envelope::max_message_record_bytes`]).
     pub max_message_size: u64,
     /// Recipients per transaction; beyond it RCPT gets 452 4.5.3.
     pub max_recipients: usize,
