@@ -279,7 +279,7 @@ impl Config {
                     submission_listen: s.socket_addrs("submission_listen", &[]),
                     tls_listen: s.socket_addrs("tls_listen", &[]),
                     max_message_size: s.integer("max_message_size", 26_214_400, 1, 1 << 40),
-                    // The log's envelope counts recipients in 16 bits.
+                    // The envelope stores the count (and each recipient's index) in 16 bits.
                     max_recipients: s.integer(
                         "max_recipients",
                         100,
@@ -470,6 +470,32 @@ impl Config {
                     ),
                 );
             }
+        }
+        // Every message accepted must fit one log record, dot-stuffing and envelope included
+        // (the session counts BDAT bodies before stuffing); a setting that could break this
+        // is refused here rather than answered with 552 for mail within the advertised SIZE.
+        let record_limit = crate::store::record::MAX_PAYLOAD_BYTES;
+        let worst_record = crate::envelope::max_message_record_bytes(
+            self.smtp.max_message_size,
+            self.smtp.max_recipients,
+        );
+        if worst_record > record_limit {
+            let (key, fix) = match crate::envelope::largest_message_size_fitting(
+                self.smtp.max_recipients,
+                record_limit,
+            ) {
+                Some(largest) => ("smtp.max_message_size", format!("at most {largest} fits")),
+                None => ("smtp.max_recipients", "lower max_recipients".to_string()),
+            };
+            problem(
+                key,
+                format!(
+                    "{} with max_recipients = {}: the largest message accepted, dot-stuffed and \
+                     with its envelope, could need a log record of {worst_record} bytes, over \
+                     the log's limit of {record_limit}; {fix}",
+                    self.smtp.max_message_size, self.smtp.max_recipients
+                ),
+            );
         }
         let mut listeners = BTreeSet::new();
         for (key, addrs) in self.listeners() {
@@ -1079,11 +1105,40 @@ mod tests {
     }
 
     #[test]
-    fn max_recipients_stops_where_the_log_can_count_them() {
+    fn message_sizes_must_fit_a_log_record() {
+        let largest = crate::envelope::largest_message_size_fitting(
+            100,
+            crate::store::record::MAX_PAYLOAD_BYTES,
+        )
+        .unwrap();
+        let at = |size: u64, recipients: u64| {
+            Config::parse(
+                "t.toml",
+                &format!("[smtp]\nmax_message_size = {size}\nmax_recipients = {recipients}\n"),
+            )
+        };
+        assert!(at(largest, 100).is_ok());
+        let found = problems(&format!(
+            "[smtp]\nmax_message_size = {}\nmax_recipients = 100\n",
+            largest + 1
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "smtp.max_message_size");
+        assert!(
+            found[0]
+                .message
+                .contains(&format!("at most {largest} fits")),
+            "{}",
+            found[0].message
+        );
+        // The configured maximum, 2^40, never fits; more recipients leave less room.
+        assert!(at(1 << 40, 1).is_err());
+        assert!(at(largest, 65_535).is_err());
+        assert!(at(largest - 65_535 * 645, 65_535).is_ok());
+        // The envelope counts recipients in 16 bits.
         let found = problems("[smtp]\nmax_recipients = 65536\n");
         assert_eq!(found[0].key, "smtp.max_recipients");
-        assert!(found[0].message.contains("1..=65535"), "{found:?}");
-        assert!(Config::parse("t.toml", "[smtp]\nmax_recipients = 65535\n").is_ok());
+        assert!(at(1000, 65_535).is_ok());
     }
 
     #[test]

@@ -26,6 +26,49 @@ const MAX_PATH_BYTES: usize = 320;
 /// Recipients per message the encoding can hold (`max_recipients` is far lower in practice).
 pub const MAX_RECIPIENTS: usize = u16::MAX as usize;
 
+/// Envelope octets before the sender: version, flags, time, Received: and body lengths.
+const ENVELOPE_FIXED_BYTES: u64 = 1 + 1 + 8 + 4 + 8;
+
+/// The longest envelope a message with `max_recipients` recipients can have: every path at
+/// the longest length decoding accepts.
+pub fn max_envelope_bytes(max_recipients: usize) -> u64 {
+    let path = 2 + MAX_PATH_BYTES as u64;
+    // Address, destination tag, mailbox name.
+    let recipient = path + 1 + path;
+    ENVELOPE_FIXED_BYTES + path + 2 + (max_recipients as u64).saturating_mul(recipient)
+}
+
+/// The largest message record the SMTP session can hand to the log, for these settings:
+/// the envelope, the `Received:` header, and a body of `max_message_size` octets as
+/// received, dot-stuffed (BDAT counts the size before stuffing, RFC 1870 and RFC 3030
+/// style, so the stored body may be larger; DATA bodies are counted as stored). The log's
+/// record limit is set from this, so every message the session accepts fits.
+pub fn max_message_record_bytes(max_message_size: u64, max_recipients: usize) -> u64 {
+    crate::smtp::data::max_stuffed_bytes(max_message_size)
+        .saturating_add(crate::smtp::received::MAX_RECEIVED_BYTES as u64)
+        .saturating_add(max_envelope_bytes(max_recipients))
+}
+
+/// The largest `max_message_size` whose records fit `record_limit` octets with
+/// `max_recipients`, or `None` if not even a one-octet message would.
+pub fn largest_message_size_fitting(max_recipients: usize, record_limit: u64) -> Option<u64> {
+    let fits = |size: u64| max_message_record_bytes(size, max_recipients) <= record_limit;
+    if !fits(1) {
+        return None;
+    }
+    // The record size grows with the message size: bisect for the last size that fits.
+    let (mut fitting, mut too_big) = (1u64, record_limit.saturating_add(1));
+    while too_big - fitting > 1 {
+        let middle = fitting + (too_big - fitting) / 2;
+        if fits(middle) {
+            fitting = middle;
+        } else {
+            too_big = middle;
+        }
+    }
+    Some(fitting)
+}
+
 /// Where one recipient's copy goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
@@ -419,6 +462,61 @@ mod tests {
         let (mail_from, stored) = decode_for_retrieval(&payload).unwrap();
         assert_eq!(mail_from, sample().mail_from);
         assert_eq!(stored, layout.stored_message());
+    }
+
+    #[test]
+    fn the_longest_envelope_fits_its_bound() {
+        let path = "p".repeat(MAX_PATH_BYTES);
+        for count in [0, 1, 100] {
+            let envelope = Envelope {
+                received_at_us: u64::MAX,
+                mail_from: path.clone(),
+                recipients: vec![
+                    EnvelopeRecipient {
+                        address: path.clone(),
+                        destination: Destination::Mailbox(path.clone()),
+                    };
+                    count
+                ],
+                eight_bit: true,
+                smtputf8: true,
+            };
+            let encoded = encode_envelope(&envelope, usize::MAX, u64::MAX);
+            assert_eq!(encoded.len() as u64, max_envelope_bytes(count), "{count}");
+        }
+    }
+
+    #[test]
+    fn record_size_arithmetic() {
+        // (max_message_size, max_recipients, worst-case record)
+        let table: &[(u64, usize, u64)] = &[
+            // The report: 299,997 octets received may be 399,998 stored.
+            (300_000, 100, 400_002 + 1024 + 346 + 100 * 645),
+            (1, 1, 4 + 1024 + 346 + 645),
+            (26_214_400, 100, 34_952_536 + 1024 + 346 + 64_500),
+            (u64::MAX, MAX_RECIPIENTS, u64::MAX),
+        ];
+        for (size, recipients, want) in table {
+            assert_eq!(
+                max_message_record_bytes(*size, *recipients),
+                *want,
+                "{size} {recipients}"
+            );
+        }
+        // The message of the report, with its envelope and header, fits the record limit.
+        let body = crate::smtp::data::max_stuffed_bytes(299_997);
+        assert!(body + 1024 + max_envelope_bytes(100) <= max_message_record_bytes(300_000, 100));
+    }
+
+    #[test]
+    fn largest_fitting_size_is_exact() {
+        let limit = crate::store::record::MAX_PAYLOAD_BYTES;
+        for recipients in [1, 100, MAX_RECIPIENTS] {
+            let largest = largest_message_size_fitting(recipients, limit).unwrap();
+            assert!(max_message_record_bytes(largest, recipients) <= limit);
+            assert!(max_message_record_bytes(largest + 1, recipients) > limit);
+        }
+        assert_eq!(largest_message_size_fitting(1, 100), None);
     }
 
     #[test]

@@ -233,6 +233,40 @@ fn refusals_carry_their_codes() {
 }
 
 #[test]
+fn a_bdat_body_that_grows_when_stuffed_is_stored_whole() {
+    // 299,997 octets within SIZE 300000, every line a lone dot: stuffed, the body takes a
+    // third more room in the log, and the log's record limit must make room for it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &mail_config(dir.path(), 1, "", "max_message_size = 300000"),
+    );
+    let body = b".\r\n".repeat(99_999);
+    let mut c = LineClient::connect(server.addr("smtp"));
+    c.reply();
+    assert!(c.command("EHLO me.test").contains("SIZE 300000"));
+    assert!(c.command("MAIL FROM:<s@remote.test>").starts_with("250"));
+    assert!(c.command("RCPT TO:<alice@example.test>").starts_with("250"));
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(&body);
+    let id = queue_id(&c.reply());
+    assert!(c.command("QUIT").starts_with("221"));
+    let got = pop3_retrieve_all(server.addr("pop3"), "alice@example.test");
+    assert_eq!(got.len(), 1);
+    let text = &got[0];
+    // RETR sends the stored, stuffed form: every ".\r\n" became "..\r\n".
+    let stuffed = b"..\r\n".repeat(99_999);
+    assert!(text.ends_with(&stuffed));
+    let head = String::from_utf8_lossy(&text[..text.len() - stuffed.len()]).to_string();
+    assert!(
+        head.starts_with("Return-Path: <s@remote.test>\r\nReceived: from me.test"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("id {id}")), "{head}");
+    assert!(head.ends_with(" +0000\r\n"), "{head}");
+}
+
+#[test]
 fn bare_line_feeds_are_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", ""));

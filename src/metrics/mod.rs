@@ -29,8 +29,9 @@ pub const SMTP_REPLY_CODES: [u16; 27] = [
 ];
 
 /// Replies to the end of DATA that depend on the log: `250` once durable, `451` when the
-/// fdatasync failed, `452` below the free-space floor, `421` when the shard is draining.
-pub const MESSAGE_OUTCOME_CODES: [u16; 4] = [250, 421, 451, 452];
+/// fdatasync failed, `452` below the free-space floor, `421` when the shard is draining,
+/// `552` for a message too large for a log record (the record limit makes it unexpected).
+pub const MESSAGE_OUTCOME_CODES: [u16; 5] = [250, 421, 451, 452, 552];
 
 /// Upper bounds, in seconds, of the group-commit latency histogram buckets (`+Inf` is
 /// implied). From 100 µs (a fast NVMe fdatasync) to 1 s (a disk in trouble).
@@ -236,6 +237,7 @@ impl ShardMetrics {
             Err(StoreFailure::ShuttingDown) => 421,
             Err(StoreFailure::SyncFailed) => 451,
             Err(StoreFailure::DiskFull) => 452,
+            Err(StoreFailure::TooBig) => 552,
         };
         if let Some(index) = MESSAGE_OUTCOME_CODES.iter().position(|c| *c == code) {
             self.messages[index].fetch_add(1, Relaxed);

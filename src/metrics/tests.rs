@@ -60,6 +60,7 @@ fn message_outcomes_follow_the_store_result() {
     metrics.record_message::<()>(&Ok(()));
     metrics.record_message::<()>(&Err(StoreFailure::SyncFailed));
     metrics.record_message::<()>(&Err(StoreFailure::DiskFull));
+    metrics.record_message::<()>(&Err(StoreFailure::TooBig));
     let text = scrape(vec![Arc::new(metrics)]);
     assert_eq!(
         sample(
@@ -79,6 +80,13 @@ fn message_outcomes_follow_the_store_result() {
         sample(
             &text,
             r#"ringmail_smtp_messages_total{shard="3",code="452"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"ringmail_smtp_messages_total{shard="3",code="552"}"#
         ),
         Some(1.0)
     );

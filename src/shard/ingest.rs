@@ -117,6 +117,9 @@ pub async fn store_transaction(
             StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 StoreFailure::DiskFull
             }
+            // The record limit is sized so this cannot happen; if it does anyway, the
+            // message will never fit and a retry must not be invited.
+            StoreError::RecordTooLarge { .. } => StoreFailure::TooBig,
             _ => StoreFailure::SyncFailed,
         });
     }

@@ -196,8 +196,13 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
     let config = &shared.config;
     let dir = config.data_dir.join(format!("shard-{id}"));
     let options = StoreOptions {
-        // A message plus its envelope and Received: header must fit one record.
-        max_record_bytes: config.smtp.max_message_size + 64 * 1024,
+        // Every message the session accepts must fit one record, however much dot-stuffing
+        // and however many recipients it carries; config validation kept this within the
+        // store's hard limit.
+        max_record_bytes: crate::envelope::max_message_record_bytes(
+            config.smtp.max_message_size,
+            config.smtp.max_recipients,
+        ),
         ..StoreOptions::default()
     };
     let (store, recovered) =

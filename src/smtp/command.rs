@@ -117,6 +117,18 @@ pub enum CommandError {
     /// The line is an HTTP request: someone pointed a browser or proxy at us.
     #[error("HTTP request on the SMTP port")]
     Http,
+    /// A BDAT whose chunk size is readable but whose other arguments are malformed. The
+    /// client still sends the chunk, so the session must read and drop exactly
+    /// `size_bytes` octets before answering, or they would run as commands.
+    #[error("syntax error in BDAT arguments")]
+    BdatSyntax {
+        /// The chunk size the client announced.
+        size_bytes: u64,
+    },
+    /// A BDAT whose chunk size cannot be read: nobody can tell where its chunk ends, so
+    /// the session answers and closes rather than run chunk bytes as commands.
+    #[error("BDAT chunk size unreadable")]
+    BdatSizeUnreadable,
 }
 
 impl CommandError {
@@ -124,13 +136,14 @@ impl CommandError {
     pub fn reply(self) -> Reply {
         match self {
             CommandError::Unrecognized => replies::UNRECOGNIZED,
-            CommandError::Syntax => replies::SYNTAX_ERROR,
+            CommandError::Syntax | CommandError::BdatSyntax { .. } => replies::SYNTAX_ERROR,
             CommandError::BadSender(AddressError::TooLong)
             | CommandError::BadRecipient(AddressError::TooLong) => replies::PATH_TOO_LONG,
             CommandError::BadSender(AddressError::Syntax) => replies::BAD_SENDER_SYNTAX,
             CommandError::BadRecipient(AddressError::Syntax) => replies::BAD_RECIPIENT_SYNTAX,
             CommandError::UnknownParameter => replies::UNKNOWN_PARAMETER,
             CommandError::Http => replies::HTTP_REFUSED,
+            CommandError::BdatSizeUnreadable => replies::BDAT_SIZE_UNREADABLE,
         }
     }
 }
@@ -142,10 +155,14 @@ const HTTP_METHODS: &[&str] = &[
 
 /// Parses one command line, without its CRLF.
 pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
+    // Trailing blanks are a common client slip and carry no meaning.
+    let line = trim_end_blanks(line);
+    if starts_bdat(line) {
+        // Before the UTF-8 check: a BDAT line with junk in it still announces a chunk.
+        return parse_bdat(&line[4..]);
+    }
     // Commands are ASCII; only SMTPUTF8 addresses may add UTF-8. Anything else is noise.
     let line = std::str::from_utf8(line).map_err(|_| CommandError::Unrecognized)?;
-    // Trailing blanks are a common client slip and carry no meaning.
-    let line = line.trim_end_matches([' ', '\t']);
     let (verb, args) = match line.find(' ') {
         Some(space) => (&line[..space], Some(&line[space + 1..])),
         None => (line, None),
@@ -161,8 +178,6 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         parse_rcpt(args)
     } else if is("DATA") {
         no_args(Command::Data)
-    } else if is("BDAT") {
-        parse_bdat(args)
     } else if is("EHLO") || is("HELO") {
         let domain = parse_helo_domain(args)?;
         Ok(if is("EHLO") {
@@ -279,17 +294,46 @@ fn parse_rcpt(args: Option<&str>) -> Result<Command<'_>, CommandError> {
     Ok(Command::Rcpt { to })
 }
 
-fn parse_bdat(args: Option<&str>) -> Result<Command<'_>, CommandError> {
-    let mut words = args.ok_or(CommandError::Syntax)?.split(' ');
-    let size_bytes = parse_number(words.next().ok_or(CommandError::Syntax)?)?;
-    let last = match words.next() {
-        None => false,
-        Some(word) if word.eq_ignore_ascii_case("LAST") => true,
-        Some(_) => return Err(CommandError::Syntax),
-    };
-    if words.next().is_some() {
-        return Err(CommandError::Syntax);
+fn trim_end_blanks(mut line: &[u8]) -> &[u8] {
+    while let [rest @ .., b' ' | b'\t'] = line {
+        line = rest;
     }
+    line
+}
+
+/// True when `line` is a BDAT command, well-formed or not: the verb followed by the end of
+/// the line or by anything but a letter or digit ("BDAT\t16" and "BDAT:16" are a client
+/// that means BDAT and frames it badly, not an unknown verb).
+pub fn starts_bdat(line: &[u8]) -> bool {
+    line.get(..4)
+        .is_some_and(|verb| verb.eq_ignore_ascii_case(b"BDAT"))
+        && line.get(4).is_none_or(|b| !b.is_ascii_alphanumeric())
+}
+
+/// BDAT arguments, `rest` being the line after the verb: ` size [LAST]` (RFC 3030 §2).
+/// Whatever else is wrong, a chunk of the announced size follows the line, so an error
+/// says whether that size could be read: the session must either skip exactly that many
+/// octets or give up on the connection.
+fn parse_bdat(rest: &[u8]) -> Result<Command<'static>, CommandError> {
+    // Exactly one SP before the size: with any other separator we would be guessing.
+    let Some(args) = rest.strip_prefix(b" ") else {
+        return Err(CommandError::BdatSizeUnreadable);
+    };
+    // The size ends at any blank, so "16\tLAST" still yields a size to skip by; a size
+    // that is not plain digits ("16x", "", 21 digits) leaves the chunk's end unknown.
+    let size_end = args
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\t')
+        .unwrap_or(args.len());
+    let size_bytes = std::str::from_utf8(&args[..size_end])
+        .ok()
+        .and_then(|text| parse_number(text).ok())
+        .ok_or(CommandError::BdatSizeUnreadable)?;
+    let last = match &args[size_end..] {
+        b"" => false,
+        [b' ', word @ ..] if word.eq_ignore_ascii_case(b"LAST") => true,
+        _ => return Err(CommandError::BdatSyntax { size_bytes }),
+    };
     Ok(Command::Bdat { size_bytes, last })
 }
 
@@ -479,10 +523,33 @@ mod tests {
                     last: true,
                 }),
             ),
-            ("BDAT", Err(Syntax)),
-            ("BDAT -1", Err(Syntax)),
-            ("BDAT 5 FIRST", Err(Syntax)),
-            ("BDAT 5 LAST x", Err(Syntax)),
+            (
+                "BDAT 5 LAST  ",
+                Ok(Bdat {
+                    size_bytes: 5,
+                    last: true,
+                }),
+            ),
+            ("BDAT 5 FIRST", Err(BdatSyntax { size_bytes: 5 })),
+            ("BDAT 5 LAST x", Err(BdatSyntax { size_bytes: 5 })),
+            ("BDAT 16  LAST", Err(BdatSyntax { size_bytes: 16 })),
+            ("BDAT 16\tLAST", Err(BdatSyntax { size_bytes: 16 })),
+            ("BDAT 16 LASTX", Err(BdatSyntax { size_bytes: 16 })),
+            (
+                "BDAT 99999999999999999999 x",
+                Err(BdatSyntax {
+                    size_bytes: u64::MAX,
+                }),
+            ),
+            ("BDAT", Err(BdatSizeUnreadable)),
+            ("BDAT -1", Err(BdatSizeUnreadable)),
+            ("BDAT  16 LAST", Err(BdatSizeUnreadable)),
+            ("BDAT\t16 LAST", Err(BdatSizeUnreadable)),
+            ("BDAT:16", Err(BdatSizeUnreadable)),
+            ("BDAT 16x LAST", Err(BdatSizeUnreadable)),
+            ("BDAT 0x10", Err(BdatSizeUnreadable)),
+            ("BDAT 999999999999999999999 LAST", Err(BdatSizeUnreadable)),
+            ("BDATX 16", Err(Unrecognized)),
             ("RSET", Ok(Rset)),
             ("RSET now", Err(Syntax)),
             ("NOOP", Ok(Noop)),
@@ -542,6 +609,20 @@ mod tests {
     }
 
     #[test]
+    fn bdat_with_junk_still_announces_its_chunk() {
+        // Not UTF-8, which other commands refuse as unrecognized: the size still counts.
+        assert_eq!(
+            parse(b"BDAT 16 LAST\xff"),
+            Err(CommandError::BdatSyntax { size_bytes: 16 })
+        );
+        assert_eq!(parse(b"BDAT \xff16"), Err(CommandError::BdatSizeUnreadable));
+        assert_eq!(
+            parse(b"bdat\xc3\xa9 1"),
+            Err(CommandError::BdatSizeUnreadable)
+        );
+    }
+
+    #[test]
     fn every_error_has_a_failure_reply() {
         for error in [
             CommandError::Unrecognized,
@@ -550,6 +631,8 @@ mod tests {
             CommandError::BadRecipient(AddressError::TooLong),
             CommandError::UnknownParameter,
             CommandError::Http,
+            CommandError::BdatSyntax { size_bytes: 1 },
+            CommandError::BdatSizeUnreadable,
         ] {
             assert!(error.reply().is_permanent_failure(), "{error:?}");
         }

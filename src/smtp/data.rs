@@ -222,6 +222,18 @@ impl Stuffer {
     }
 }
 
+/// The most octets [`Stuffer`] can make of `unstuffed_bytes` octets of message, the CRLF
+/// that [`Stuffer::finish`] may ask for included: what a BDAT body accepted by its received
+/// size can take up in the log. Every complete line that starts with a dot is at least
+/// ".<CRLF>", growing from 3 octets to 4, so stuffing adds at most a third (rounded up, for
+/// a last line that is a lone "."), plus the final CRLF. Bodies with a bare CR or LF grow
+/// more but are refused, never stored.
+pub fn max_stuffed_bytes(unstuffed_bytes: u64) -> u64 {
+    unstuffed_bytes
+        .saturating_add(unstuffed_bytes.div_ceil(3))
+        .saturating_add(2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +341,43 @@ mod tests {
         }
     }
 
+    /// Stuffs `body` as the session does for BDAT: the stored length, or `None` when the
+    /// body would be refused for a bare line ending.
+    fn stored_len(body: &[u8]) -> Option<u64> {
+        let mut stuffer = Stuffer::new();
+        let mut out = Vec::new();
+        stuffer.stuff(body, &mut out);
+        if stuffer.finish() {
+            stuffer.stuff(b"\r\n", &mut out);
+        }
+        (!stuffer.saw_bare_line_ending()).then_some(out.len() as u64)
+    }
+
+    #[test]
+    fn stuffing_growth_is_bounded() {
+        // (body, stored length): the worst cases meet the bound exactly.
+        let table: &[(&[u8], u64)] = &[
+            (b"", 0),
+            (b".", 4),
+            (b".\r\n", 4),
+            (b".\r\n.", 8),
+            (b".\r\n.x", 9),
+            (b"x", 3),
+        ];
+        for (body, want) in table {
+            assert_eq!(stored_len(body), Some(*want), "{body:?}");
+            assert!(*want <= max_stuffed_bytes(body.len() as u64), "{body:?}");
+        }
+        assert_eq!(max_stuffed_bytes(1), 4);
+        assert_eq!(max_stuffed_bytes(3), 6);
+        assert_eq!(max_stuffed_bytes(4), 8);
+        // The body of the report: 99,999 lines of "." in 299,997 octets.
+        let dots = b".\r\n".repeat(99_999);
+        assert_eq!(stored_len(&dots), Some(399_996));
+        assert_eq!(max_stuffed_bytes(299_997), 399_998);
+        assert_eq!(max_stuffed_bytes(u64::MAX), u64::MAX);
+    }
+
     /// Lines of arbitrary bytes except CR and LF, joined by CRLF.
     fn crlf_lines() -> impl Strategy<Value = Vec<Vec<u8>>> {
         proptest::collection::vec(
@@ -341,6 +390,24 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn stuffing_never_outgrows_its_bound(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    Just(&b"."[..]),
+                    Just(&b"x"[..]),
+                    Just(&b"\r\n"[..]),
+                    Just(&b".\r\n"[..]),
+                ],
+                0..200,
+            ),
+        ) {
+            let body = pieces.concat();
+            let stored = stored_len(&body);
+            prop_assert!(stored.is_some());
+            prop_assert!(stored.unwrap_or(0) <= max_stuffed_bytes(body.len() as u64));
+        }
+
         #[test]
         fn stuffed_body_ends_exactly_at_its_terminator(lines in crlf_lines(), split in any::<prop::sample::Index>()) {
             // Stuff with the BDAT stuffer, then frame as DATA: the scanner must find the

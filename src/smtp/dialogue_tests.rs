@@ -66,6 +66,7 @@ fn parse_dialogue(text: &str) -> Result<Dialogue, String> {
                 "ok" => StoreMode::Ok,
                 "sync-failed" => StoreMode::Fail(StoreFailure::SyncFailed),
                 "disk-full" => StoreMode::Fail(StoreFailure::DiskFull),
+                "too-big" => StoreMode::Fail(StoreFailure::TooBig),
                 "shutting-down" => StoreMode::Fail(StoreFailure::ShuttingDown),
                 other => return Err(fail(format!("unknown store mode {other:?}"))),
             })

@@ -80,6 +80,11 @@ pub struct ReceivedFields<'a> {
     pub unix_time_secs: i64,
 }
 
+/// The longest header [`build`] makes: a 255-octet HELO name and host name (the parser's
+/// and the configuration's limits), an IPv6 address, a 256-octet recipient, a queue id of
+/// any shard and record, a date of any year. Log records leave this much room for it.
+pub const MAX_RECEIVED_BYTES: usize = 1024;
+
 /// Builds the complete header, folded, ending with CRLF.
 pub fn build(fields: &ReceivedFields<'_>) -> Vec<u8> {
     let ip = match fields.peer_ip {
@@ -169,6 +174,25 @@ mod tests {
         assert_eq!(Protocol::new(true, true, false, false).as_str(), "ESMTPS");
         assert_eq!(Protocol::new(true, true, true, false).as_str(), "ESMTPSA");
         assert_eq!(Protocol::new(true, false, true, true).as_str(), "UTF8SMTPA");
+    }
+
+    #[test]
+    fn the_longest_header_fits_its_bound() {
+        let helo = "h".repeat(crate::smtp::address::MAX_DOMAIN_BYTES);
+        let hostname = format!("{}.test", "n".repeat(250));
+        let recipient = "r".repeat(crate::smtp::address::MAX_PATH_BYTES);
+        let queue_id = format!("{:03X}{:011X}", crate::config::MAX_SHARDS, u64::MAX);
+        let fields = ReceivedFields {
+            helo: &helo,
+            peer_ip: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap(),
+            hostname: &hostname,
+            protocol: Protocol::Utf8Smtpsa,
+            queue_id: &queue_id,
+            recipient: Some(&recipient),
+            unix_time_secs: i64::MIN / 2,
+        };
+        let header = build(&fields);
+        assert!(header.len() <= MAX_RECEIVED_BYTES, "{}", header.len());
     }
 
     #[test]

@@ -269,6 +269,14 @@ pub mod replies {
         E::new(5, 7, 1),
         "Sender address is not owned by the authenticated user",
     );
+    /// A BDAT whose chunk size cannot be read: the chunk's end is unknown, so its bytes
+    /// could only be misread as commands; the connection closes after this reply. 501
+    /// rather than 421 because retrying the same command would fail the same way.
+    pub const BDAT_SIZE_UNREADABLE: Reply = Reply::new(
+        501,
+        E::new(5, 5, 4),
+        "Syntax: BDAT <size> [LAST]; chunk size unreadable, closing",
+    );
     /// An HTTP request on the SMTP port (cross-protocol attack); the connection closes.
     pub const HTTP_REFUSED: Reply = Reply::new(
         554,

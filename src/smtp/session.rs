@@ -48,8 +48,11 @@ pub const COMMAND_BUFFER_BYTES: usize = 16 * 1024;
 /// grow memory without bound), and command processing pauses with it.
 pub const MAX_UNSENT_OUTPUT_BYTES: usize = 64 * 1024;
 
-/// Permanent failures (5xx) tolerated before the session answers 421 and closes: a
-/// client this confused is broken or probing.
+/// Permanent failures (5xx) tolerated since the last accepted message before the session
+/// answers 421 and closes: a client this confused is broken or probing. Refused recipients
+/// count (a dictionary attack is nothing but 550s), and so the count starts over with each
+/// message stored, as Postfix does: a sender whose every message has one stale address
+/// keeps its connection however many messages it sends.
 pub const MAX_ERRORS: u32 = 10;
 
 /// The whole reply to a connection refused before any session exists (over
@@ -74,7 +77,9 @@ pub struct SessionParams {
     pub hostname: String,
     /// Largest message accepted; advertised as SIZE. DATA bodies count as transmitted
     /// (dot-stuffed: one octet more per line that starts with a dot than RFC 1870 counts,
-    /// the price of never unstuffing); BDAT bodies count as received.
+    /// the price of never unstuffing); BDAT bodies count as received, so they may take up
+    /// to a third more once stuffed (the log's record limit allows for it, see
+    /// [`crate::envelope::max_message_record_bytes`]).
     pub max_message_size: u64,
     /// Recipients per transaction; beyond it RCPT gets 452 4.5.3.
     pub max_recipients: usize,
@@ -109,6 +114,11 @@ pub enum StoreFailure {
     /// The server is draining: 421 4.3.2 and the connection closes.
     #[error("shutting down")]
     ShuttingDown,
+    /// The message does not fit a log record: 552 5.3.4, as for any message over the size
+    /// limit, since retrying cannot help (a 4xx would have the client retry until its
+    /// queue lifetime ends).
+    #[error("message too large for a log record")]
+    TooBig,
 }
 
 /// One accepted recipient.
@@ -322,7 +332,7 @@ pub struct Session {
     helo: Option<Helo>,
     /// Set by MAIL, cleared by the end of the transaction or RSET.
     envelope: Option<Envelope>,
-    /// Permanent failures so far.
+    /// Permanent failures since the last accepted message.
     errors: u32,
     /// A message ready for the loop.
     pending_store: Option<Transaction>,
@@ -434,6 +444,7 @@ impl Session {
         self.phase = Phase::Command;
         match result {
             Ok(queue_id) => {
+                self.errors = 0;
                 let text = format!("Ok: queued as {queue_id}");
                 write_line(
                     &mut self.output,
@@ -445,6 +456,7 @@ impl Session {
             }
             Err(StoreFailure::SyncFailed) => self.reply(replies::STORE_SYNC_FAILED),
             Err(StoreFailure::DiskFull) => self.reply(replies::STORE_DISK_FULL),
+            Err(StoreFailure::TooBig) => self.reply(replies::MESSAGE_TOO_BIG),
             Err(StoreFailure::ShuttingDown) => {
                 self.reply(replies::SHUTTING_DOWN);
                 self.phase = Phase::Closed;
@@ -628,6 +640,19 @@ impl Session {
         }
     }
 
+    /// Queues a refusal and closes, outside the error count: for input after which the
+    /// session can no longer tell commands from message bytes.
+    fn refuse_and_close(&mut self, reply: Reply) {
+        tracing::info!(
+            client = %self.peer.addr,
+            code = reply.code,
+            reason = reply.text,
+            "smtp refused and closing"
+        );
+        reply.write_to(&mut self.output);
+        self.close();
+    }
+
     fn close(&mut self) {
         self.phase = Phase::Closed;
         self.envelope = None;
@@ -679,6 +704,11 @@ impl Session {
         let max_line_bytes = self.max_line_bytes(window);
         let Some(lf) = memchr(b'\n', window) else {
             if window.len() >= max_line_bytes {
+                if command::starts_bdat(window) {
+                    // A chunk of unknown size follows: nothing after this is a command.
+                    self.refuse_and_close(replies::LINE_TOO_LONG);
+                    return true;
+                }
                 // Drop what we have; the rest goes as it arrives.
                 self.consumed = self.filled;
                 self.phase = Phase::DiscardingLongLine;
@@ -689,19 +719,30 @@ impl Session {
         let line_len = lf + 1;
         let start = self.consumed;
         self.consumed += line_len;
+        let line = &self.input[start..start + line_len];
+        // A BDAT line refused for its framing still announces a chunk whose size we will
+        // not trust: close rather than run the chunk as commands.
+        let is_bdat = matches!(self.phase, Phase::Command) && command::starts_bdat(line);
         if line_len > max_line_bytes {
+            if is_bdat {
+                self.refuse_and_close(replies::LINE_TOO_LONG);
+                return true;
+            }
             if matches!(self.phase, Phase::Sasl(_)) {
                 self.phase = Phase::Command;
             }
             self.reply(replies::LINE_TOO_LONG);
             return true;
         }
-        let line = &self.input[start..start + line_len];
         // Exactly one CR, right before the LF: anything else is a bare CR or LF.
         let content = &line[..line_len - 1];
         if content.last() != Some(&b'\r') || memchr(b'\r', &content[..content.len() - 1]).is_some()
         {
-            self.reply(replies::BARE_LINE_ENDING);
+            if is_bdat {
+                self.refuse_and_close(replies::BARE_LINE_ENDING);
+            } else {
+                self.reply(replies::BARE_LINE_ENDING);
+            }
             return true;
         }
         // Take the buffer out so the parsed command can borrow it while `self` changes.
@@ -781,6 +822,14 @@ impl Session {
                 replies::HTTP_REFUSED.write_to(&mut self.output);
                 self.close();
                 return;
+            }
+            Err(CommandError::BdatSyntax { size_bytes }) => {
+                // The chunk comes anyway: skip it, then refuse, ending the transaction
+                // like any refused chunk.
+                return self.start_chunk(size_bytes, false, Some(replies::SYNTAX_ERROR));
+            }
+            Err(CommandError::BdatSizeUnreadable) => {
+                return self.refuse_and_close(replies::BDAT_SIZE_UNREADABLE)
             }
             Err(error) => return self.reply(error.reply()),
         };
@@ -1049,6 +1098,12 @@ impl Session {
 
     fn bdat(&mut self, size_bytes: u64, last: bool) {
         let refusal = self.envelope_refusal();
+        self.start_chunk(size_bytes, last, refusal);
+    }
+
+    /// Starts reading a BDAT chunk; with a `refusal` the chunk is read and dropped and the
+    /// refusal answers it.
+    fn start_chunk(&mut self, size_bytes: u64, last: bool, refusal: Option<Reply>) {
         if refusal.is_none() {
             if let Some(envelope) = &mut self.envelope {
                 envelope.bdat.get_or_insert_with(|| BdatBody {

@@ -632,6 +632,112 @@ fn bdat_is_stuffed_once_and_checked() {
     }
 }
 
+/// The 18 octets every malformed BDAT below announces: commands, if they ever ran.
+const CHUNK_OF_COMMANDS: &[u8] = b"RSET\r\nNOOP\r\nNOOP\r\n";
+
+#[test]
+fn malformed_bdat_never_runs_its_chunk() {
+    const TRANSACTION: &[u8] = b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\n";
+    const SYNTAX: &str = "501 5.5.4 Syntax error in arguments";
+    const UNREADABLE: &str = "501 5.5.4 Syntax: BDAT <size> [LAST]; chunk size unreadable, closing";
+    const LONG: &str = "500 5.5.2 Line too long";
+    const BARE: &str = "500 5.5.2 Bare CR or LF not allowed; lines end with <CR><LF>";
+    // (BDAT line, replies to it and to what follows its chunk, connection closed)
+    let long_line = [b"BDAT 18 ".as_slice(), &[b'x'; 600], b"\r\n"].concat();
+    let table: &[(&[u8], &[&str], bool)] = &[
+        // The size is readable: the chunk is skipped, then refused, and the transaction
+        // is over (MAIL works again, no 503).
+        (
+            b"BDAT 18  LAST\r\n",
+            &[SYNTAX, "250 2.1.0 Sender ok"],
+            false,
+        ),
+        (
+            b"BDAT 18\tLAST\r\n",
+            &[SYNTAX, "250 2.1.0 Sender ok"],
+            false,
+        ),
+        (
+            b"BDAT 18 LAST x\r\n",
+            &[SYNTAX, "250 2.1.0 Sender ok"],
+            false,
+        ),
+        (
+            b"BDAT 18 FIRST\r\n",
+            &[SYNTAX, "250 2.1.0 Sender ok"],
+            false,
+        ),
+        (
+            b"BDAT 18 LAST\xff\r\n",
+            &[SYNTAX, "250 2.1.0 Sender ok"],
+            false,
+        ),
+        // The size is not: where the chunk ends is unknown, so nothing more runs.
+        (b"BDAT  18 LAST\r\n", &[UNREADABLE], true),
+        (b"BDAT\t18 LAST\r\n", &[UNREADABLE], true),
+        (b"BDAT 18x LAST\r\n", &[UNREADABLE], true),
+        (b"BDAT 999999999999999999999 LAST\r\n", &[UNREADABLE], true),
+        (b"BDAT\r\n", &[UNREADABLE], true),
+        (b"BDAT LAST\r\n", &[UNREADABLE], true),
+        // Refused for its framing: the size is not trusted either.
+        (&long_line, &[LONG], true),
+        (b"BDAT 18 LAST\n", &[BARE], true),
+        (b"BDAT 18\rLAST\r\n", &[BARE], true),
+    ];
+    for (bdat, want, closes) in table {
+        let script = [TRANSACTION, bdat, CHUNK_OF_COMMANDS, b"MAIL FROM:<>\r\n"].concat();
+        // Whole, and one byte per read.
+        for chunk in [usize::MAX, 1] {
+            let mut harness = Harness::standard();
+            harness.send(&script, chunk);
+            let lines = harness.lines();
+            assert_eq!(
+                lines[10..],
+                **want,
+                "{:?} in reads of {chunk}",
+                String::from_utf8_lossy(bdat)
+            );
+            assert_eq!(
+                harness.closed,
+                *closes,
+                "{:?}",
+                String::from_utf8_lossy(bdat)
+            );
+            assert!(harness.stored.is_empty());
+        }
+    }
+}
+
+#[test]
+fn malformed_bdat_drops_the_chunks_before_it() {
+    let script = [
+        b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 3\r\nabcBDAT 18 LAST LAST\r\n"
+            .as_slice(),
+        CHUNK_OF_COMMANDS,
+        b"BDAT 1 LAST\r\nxNOOP\r\n",
+    ]
+    .concat();
+    let (harness, lines) = run(&script);
+    assert_eq!(
+        lines[10..],
+        [
+            "250 2.0.0 3 octets received",
+            "501 5.5.4 Syntax error in arguments",
+            "503 5.5.1 Send MAIL first",
+            "250 2.0.0 Ok",
+        ]
+    );
+    assert!(harness.stored.is_empty() && !harness.closed);
+    // Outside a transaction the chunk is skipped all the same.
+    let (harness, lines) =
+        run(&[b"BDAT 18 x\r\n".as_slice(), CHUNK_OF_COMMANDS, b"QUIT\r\n"].concat());
+    assert_eq!(
+        lines[1..],
+        ["501 5.5.4 Syntax error in arguments", "221 2.0.0 Bye"]
+    );
+    assert!(harness.closed);
+}
+
 #[test]
 fn long_lines_are_refused_without_buffering() {
     let mut exact = b"NOOP ".to_vec();
@@ -663,6 +769,84 @@ fn ten_errors_close_the_connection() {
 }
 
 #[test]
+fn an_accepted_message_starts_the_error_count_over() {
+    // Ten messages, each with one unknown recipient: ten 550s, none closes the connection.
+    let mut script = b"EHLO c\r\n".to_vec();
+    for _ in 0..10 {
+        script.extend_from_slice(
+            b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n\
+              BDAT 4 LAST\r\nhi\r\n",
+        );
+    }
+    script.extend_from_slice(b"QUIT\r\n");
+    let mut harness = Harness::standard();
+    harness.send(&script, usize::MAX);
+    let lines = harness.lines();
+    let transaction = [
+        "250 2.1.0 Sender ok",
+        "250 2.1.5 Recipient ok",
+        "550 5.1.1 No such user here",
+    ];
+    for (n, replies) in lines[8..8 + 40].chunks(4).enumerate() {
+        assert_eq!(replies[..3], transaction, "message {n}");
+        assert!(
+            replies[3].starts_with("250 2.0.0 Ok: queued as "),
+            "message {n}"
+        );
+    }
+    assert_eq!(lines[8 + 40..], ["221 2.0.0 Bye"]);
+    assert_eq!(harness.stored.len(), 10);
+}
+
+#[test]
+fn refused_recipients_alone_reach_the_error_limit() {
+    let mut script = b"EHLO c\r\nMAIL FROM:<>\r\n".to_vec();
+    for n in 0..11 {
+        script.extend_from_slice(format!("RCPT TO:<user{n}@example.test>\r\n").as_bytes());
+    }
+    let (harness, lines) = run(&script);
+    let refusals = lines[9..]
+        .iter()
+        .filter(|l| l.starts_with("550 5.1.1"))
+        .count();
+    assert_eq!(refusals, 10, "{lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("421 4.7.0 Too many errors, closing transmission channel")
+    );
+    assert!(harness.closed);
+}
+
+#[test]
+fn a_refused_message_does_not_reset_the_error_count() {
+    // Only a stored message starts the count over: nine errors, a refused message (its
+    // 552 is the tenth), and the connection closes.
+    let mut script = b"EHLO c\r\n".to_vec();
+    script.extend_from_slice(&b"FOO\r\n".repeat(9));
+    script.extend_from_slice(b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 1001 LAST\r\n");
+    script.extend_from_slice(&[b'x'; 1001]);
+    script.extend_from_slice(b"NOOP\r\n");
+    let (harness, lines) = run(&script);
+    assert_eq!(
+        lines[lines.len() - 2..],
+        [
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "421 4.7.0 Too many errors, closing transmission channel",
+        ]
+    );
+    assert!(harness.closed);
+    // With a message stored in between, the same errors are fine.
+    let mut script = b"EHLO c\r\n".to_vec();
+    script.extend_from_slice(&b"FOO\r\n".repeat(9));
+    script.extend_from_slice(b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 1 LAST\r\nx");
+    script.extend_from_slice(&b"FOO\r\n".repeat(9));
+    script.extend_from_slice(b"QUIT\r\n");
+    let (harness, lines) = run(&script);
+    assert_eq!(lines.last().map(String::as_str), Some("221 2.0.0 Bye"));
+    assert_eq!(harness.stored.len(), 1);
+}
+
+#[test]
 fn http_requests_are_refused_and_closed() {
     let (harness, lines) = run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(codes(&lines[1..]), ["554 5.7.0"]);
@@ -674,6 +858,7 @@ fn store_failures_map_to_replies() {
     for (failure, want, closes) in [
         (StoreFailure::SyncFailed, "451 4.3.0", false),
         (StoreFailure::DiskFull, "452 4.3.1", false),
+        (StoreFailure::TooBig, "552 5.3.4", false),
         (StoreFailure::ShuttingDown, "421 4.3.2", true),
     ] {
         let mut harness = Harness::standard();
