@@ -143,6 +143,14 @@ impl<D: SegmentDir> Store<D> {
         if id.0 == 0 || id.0 >= self.state.borrow().next_id {
             return Err(StoreError::UnallocatedId(id));
         }
+        let payload_len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+        let max_bytes = self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES);
+        if payload_len > max_bytes {
+            return Err(StoreError::RecordTooLarge {
+                size_bytes: payload_len,
+                max_bytes,
+            });
+        }
         let placed = self
             .append_record(RecordType::Data, id, kind, pieces)
             .await?;
@@ -251,12 +259,14 @@ impl<D: SegmentDir> Store<D> {
         kind: u8,
         pieces: Vec<Vec<u8>>,
     ) -> Result<Placed, StoreError> {
+        // Only the format's own bound: `max_record_bytes` limits new records (`append`,
+        // tombstones split to fit it), never compaction's copies of records accepted under
+        // an earlier, larger setting, which must stay movable.
         let payload_len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
-        let max_bytes = self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES);
-        if payload_len > max_bytes {
+        if payload_len > record::MAX_PAYLOAD_BYTES {
             return Err(StoreError::RecordTooLarge {
                 size_bytes: payload_len,
-                max_bytes,
+                max_bytes: record::MAX_PAYLOAD_BYTES,
             });
         }
         let header = RecordHeader {

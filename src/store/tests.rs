@@ -357,6 +357,37 @@ fn reclaim_deletes_dead_segments_and_compacts_sparse_ones() {
 }
 
 #[test]
+fn compaction_moves_records_larger_than_a_lowered_record_limit() {
+    // Written under a 64 KiB limit, compacted after a restart with 2 KiB: still movable.
+    let opts = |max_record_bytes| StoreOptions {
+        max_record_bytes,
+        compact_below_live_percent: 100,
+        ..small_opts()
+    };
+    let open_with = |image: &CrashImage, max_record_bytes| {
+        block_on(Store::open_in(
+            MemDir::from_image(image, Faults::default()),
+            opts(max_record_bytes),
+        ))
+        .unwrap()
+        .0
+    };
+    let store = open_with(&CrashImage::default(), 64 << 10);
+    let [dead, big] = [(); 2].map(|_| store.allocate_id());
+    block_on(store.append(dead, 0, vec![payload(dead, 500)])).unwrap();
+    block_on(store.append(big, 0, vec![payload(big, 2500)])).unwrap();
+    let keep = fill(&store, 2, 1500); // rolls: the first segment is sealed
+    block_on(store.mark_dead(&[dead])).unwrap();
+    let store = open_with(&store.dir().cut_power_now(), 2 << 10);
+    let report = block_on(store.reclaim()).unwrap();
+    assert!(report.segments_compacted >= 1, "{report:?}");
+    assert_eq!(&store.read(big).unwrap()[..], &payload(big, 2500)[..]);
+    let mut got = ids_after_power_cut(&store);
+    got.sort_unstable();
+    assert_eq!(got, vec![big.0, keep[0].0, keep[1].0]);
+}
+
+#[test]
 fn tombstone_is_carried_while_its_record_survives() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
     // Segment A: seven records filling it exactly, one of which we kill; A stays (not sparse).
