@@ -2,6 +2,13 @@
 //! next failure reply wait longer, so password guessing gets slow without ever blocking a
 //! shard (the caller turns the returned delay into a timer).
 //!
+//! Delaying failure replies alone would not slow a guesser: one that gets no answer within
+//! the time a check takes knows the guess failed, and reconnects. So every attempt from an
+//! address with failures on record (whatever its outcome, on any connection) waits for that
+//! address's next slot, one attempt a slot, the slots `delay` apart. A success does not wipe
+//! the record either: with one valid account, an attacker could otherwise reset it between
+//! guesses at others. An honest user who mistyped waits at most one delay, once.
+//!
 //! Pure: time is passed in, nothing sleeps. One table per shard; an attacker spread over shards
 //! meets each shard's table, which still bounds its rate. IPv6 clients are tracked by /64,
 //! because one host usually owns a whole /64 and could otherwise rotate addresses for free.
@@ -42,6 +49,8 @@ struct FailureRecord {
     failures: u32,
     /// When the last failure happened: drives forgetting and eviction.
     last_failure: Instant,
+    /// The earliest moment the next attempt from this address may be checked.
+    next_attempt: Instant,
 }
 
 /// The table of recent login failures by client address.
@@ -89,30 +98,51 @@ impl FailureThrottle {
         }
     }
 
+    /// How long an attempt from `addr` arriving at `now` waits before its password is
+    /// checked, taking the address's next slot: zero for an address without failures on
+    /// record, else until its slot, and the slot after is one delay later.
+    pub fn admit_attempt(&mut self, addr: IpAddr, now: Instant) -> Duration {
+        let forget_after = self.params.forget_after;
+        let Some(record) = self.records.get(&throttle_key(addr)).copied() else {
+            return Duration::ZERO;
+        };
+        if now.saturating_duration_since(record.last_failure) >= forget_after {
+            return Duration::ZERO;
+        }
+        let slot = record.next_attempt.max(now);
+        let delay = self.delay_after(record.failures);
+        if let Some(record) = self.records.get_mut(&throttle_key(addr)) {
+            record.next_attempt = slot + delay;
+        }
+        slot - now
+    }
+
     /// Records a failed login from `addr` at `now` and returns how long to wait before sending
-    /// its failure reply: `base_delay × 2^(failures−1)`, capped at `max_delay`.
+    /// its failure reply: `base_delay × 2^(failures−1)`, capped at `max_delay`. No attempt
+    /// from the address is checked before that time has passed.
     pub fn record_failure(&mut self, addr: IpAddr, now: Instant) -> Duration {
         let key = throttle_key(addr);
         let failures = self.failures(addr, now).saturating_add(1);
         if !self.records.contains_key(&key) && self.records.len() >= self.params.max_tracked_addrs {
             self.make_room(now);
         }
+        let delay = self.delay_after(failures);
+        let next_attempt = self
+            .records
+            .get(&key)
+            .map_or(now, |record| record.next_attempt)
+            .max(now + delay);
         if self.params.max_tracked_addrs > 0 {
             self.records.insert(
                 key,
                 FailureRecord {
                     failures,
                     last_failure: now,
+                    next_attempt,
                 },
             );
         }
-        self.delay_after(failures)
-    }
-
-    /// Forgets `addr`'s failures after a successful login, so a user who once mistyped is not
-    /// slowed down later.
-    pub fn record_success(&mut self, addr: IpAddr) {
-        self.records.remove(&throttle_key(addr));
+        delay
     }
 
     /// The delay a reply gets after `failures` consecutive failures.
@@ -201,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn failures_are_forgotten_after_the_window_and_on_success() {
+    fn failures_are_forgotten_after_the_window_only() {
         let mut throttle = FailureThrottle::new(params());
         let t0 = Instant::now();
         let addr = ip("198.51.100.7");
@@ -213,9 +243,46 @@ mod tests {
             throttle.record_failure(addr, t0 + Duration::from_secs(61)),
             Duration::from_millis(100)
         );
-        throttle.record_failure(addr, t0 + Duration::from_secs(62));
-        throttle.record_success(addr);
-        assert_eq!(throttle.failures(addr, t0 + Duration::from_secs(62)), 0);
+    }
+
+    #[test]
+    fn every_attempt_after_a_failure_waits_for_its_own_slot() {
+        let mut throttle = FailureThrottle::new(params());
+        let t0 = Instant::now();
+        let addr = ip("198.51.100.7");
+        assert_eq!(throttle.admit_attempt(addr, t0), Duration::ZERO);
+        // A failure at t0: its reply waits 100 ms, and so does a guess on a new connection.
+        assert_eq!(
+            throttle.record_failure(addr, t0),
+            Duration::from_millis(100)
+        );
+        let soon = t0 + Duration::from_millis(10);
+        assert_eq!(
+            throttle.admit_attempt(addr, soon),
+            Duration::from_millis(90)
+        );
+        // Parallel attempts line up a slot apart, successes included.
+        assert_eq!(
+            throttle.admit_attempt(addr, soon),
+            Duration::from_millis(190)
+        );
+        assert_eq!(
+            throttle.admit_attempt(addr, soon),
+            Duration::from_millis(290)
+        );
+        // Once the slots are past, an attempt goes through at once; other addresses never wait.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(throttle.admit_attempt(addr, later), Duration::ZERO);
+        assert_eq!(
+            throttle.admit_attempt(ip("198.51.100.8"), soon),
+            Duration::ZERO
+        );
+        // Forgotten with the failures.
+        throttle.record_failure(addr, t0 + Duration::from_secs(2));
+        assert_eq!(
+            throttle.admit_attempt(addr, t0 + Duration::from_secs(62)),
+            Duration::ZERO
+        );
     }
 
     #[test]

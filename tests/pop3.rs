@@ -191,6 +191,43 @@ fn a_wrong_password_is_refused_after_a_delay() {
 }
 
 #[test]
+fn a_guess_on_a_new_connection_waits_for_the_failures_slot_too() {
+    // Answering only failures late would tell a guesser "wrong" as soon as a check's time had
+    // passed, and it would reconnect: every attempt from the address waits for its slot.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", ""));
+    let mut first = LineClient::connect(server.addr("pop3"));
+    first.line();
+    first.command("USER alice@example.test");
+    let mut second = LineClient::connect(server.addr("pop3"));
+    second.line();
+    second.command("USER alice@example.test");
+    first.send(b"PASS wrong\r\n");
+    // Once the check has failed (the server logs it), and before the delayed answer comes,
+    // try again on a new connection; the right password still works, after the slot.
+    let mut logs = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !logs
+        .iter()
+        .any(|l: &String| l.contains("pop3 login failed"))
+    {
+        assert!(std::time::Instant::now() < deadline, "{logs:#?}");
+        std::thread::sleep(Duration::from_millis(5));
+        logs.extend(server.stderr_lines());
+    }
+    let r = second.command("PASS pw");
+    assert!(r.starts_with("+OK"), "{r}");
+    assert!(first.reply().starts_with("-ERR [AUTH]"));
+    assert!(second.command("QUIT").starts_with("+OK"));
+    std::thread::sleep(Duration::from_millis(100));
+    logs.extend(server.stderr_lines());
+    assert!(
+        logs.iter().any(|l| l.contains("pop3 login attempt waits")),
+        "{logs:#?}"
+    );
+}
+
+#[test]
 fn curl_retrieves_over_pop3() {
     if Command::new("curl").arg("--version").output().is_err() {
         eprintln!("skipped: curl missing");

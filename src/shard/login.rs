@@ -8,8 +8,10 @@ use std::time::Instant;
 
 use super::Shard;
 
-/// Verifies `password` for `user`; a failure returns only after the client address's
-/// throttle delay, and is logged with the client address so an operator can see guessing.
+/// Verifies `password` for `user`. An address with failures on record waits for its next
+/// slot before the check (see [`crate::throttle`]); a failure returns only after the
+/// address's throttle delay, and is logged with the client address so an operator can see
+/// guessing.
 pub async fn verify(
     shard: &Rc<Shard>,
     peer: SocketAddr,
@@ -17,13 +19,20 @@ pub async fn verify(
     user: String,
     password: String,
 ) -> bool {
+    let wait = shard
+        .throttle
+        .borrow_mut()
+        .admit_attempt(peer.ip(), Instant::now());
+    if !wait.is_zero() {
+        tracing::info!(shard = shard.id, client = %peer.ip(), "{protocol} login attempt waits {wait:?} for its slot after failures");
+        glommio::timer::sleep(wait).await;
+    }
     let users = Arc::clone(&shard.users);
     let logged_user = user.clone();
     let ok = glommio::executor()
         .spawn_blocking(move || users.verify(&user, &password))
         .await;
     if ok {
-        shard.throttle.borrow_mut().record_success(peer.ip());
         tracing::info!(shard = shard.id, client = %peer.ip(), user = %logged_user, "{protocol} login succeeded");
     } else {
         let delay = shard

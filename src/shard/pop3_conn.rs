@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::{future, AsyncWrite};
 
@@ -160,7 +159,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 }
             }
             Action::Authenticate { user, password } => {
-                let ok = authenticate(&shard, peer, user, password).await;
+                let ok = super::login::verify(&shard, peer, "pop3", user, password).await;
                 shard.metrics.record_pop3_login(ok);
                 session.auth_checked(ok);
             }
@@ -232,26 +231,6 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         }
     }
     drop(maildrop);
-}
-
-/// Verifies a password on the blocking pool (argon2id takes tens of milliseconds), and slows
-/// down repeated failures from one address with a timer.
-async fn authenticate(shard: &Rc<Shard>, peer: SocketAddr, user: String, password: String) -> bool {
-    let users = Arc::clone(&shard.users);
-    let ok = glommio::executor()
-        .spawn_blocking(move || users.verify(&user, &password))
-        .await;
-    if ok {
-        shard.throttle.borrow_mut().record_success(peer.ip());
-    } else {
-        let delay = shard
-            .throttle
-            .borrow_mut()
-            .record_failure(peer.ip(), Instant::now());
-        tracing::info!(shard = shard.id, client = %peer.ip(), "pop3 login failed; answering in {delay:?}");
-        glommio::timer::sleep(delay).await;
-    }
-    ok
 }
 
 async fn open_maildrop(
