@@ -705,7 +705,11 @@ impl SmtpClient {
         if self.capabilities.size_limit_bytes.is_some() {
             command.push_str(&format!(" SIZE={}", message.size_bytes));
         }
-        if message.needs_8bitmime && self.capabilities.eight_bit_mime {
+        // A hop offering SMTPUTF8 takes 8-bit bodies too (RFC 6531 §3.1), but it is still
+        // told the body is 8-bit (RFC 6152).
+        if message.needs_8bitmime
+            && (self.capabilities.eight_bit_mime || self.capabilities.smtputf8)
+        {
             command.push_str(" BODY=8BITMIME");
         }
         let needs_smtputf8 = message.needs_smtputf8
@@ -1521,6 +1525,14 @@ mod tests {
             needs_8bitmime: true,
             ..utf8_address
         };
+        assert_eq!(
+            script.send(&both),
+            vec![send(
+                "MAIL FROM:<alice@example.test> SIZE=1200 BODY=8BITMIME SMTPUTF8\r\n"
+            )]
+        );
+        // SMTPUTF8 without 8BITMIME: the 8-bit body goes, and says so.
+        let mut script = Script::open(&["SMTPUTF8", "SIZE 0"]);
         assert_eq!(
             script.send(&both),
             vec![send(
