@@ -128,11 +128,17 @@ impl Question {
     }
 }
 
-/// Parse and normalise a domain name: ASCII (A-labels; IDNs arrive already encoded),
-/// lower case, fully qualified, at most [`MAX_DOMAIN_NAME_BYTES`].
+/// Parse and normalise a domain name: ASCII (an internationalized domain, which SMTPUTF8
+/// mail may carry (RFC 6531), becomes its A-labels), lower case, fully qualified, at most
+/// [`MAX_DOMAIN_NAME_BYTES`].
 pub fn parse_domain(domain: &str) -> Result<Name, DnsError> {
     let invalid = || DnsError::InvalidName(domain.chars().take(300).collect());
-    let trimmed = domain.strip_suffix('.').unwrap_or(domain);
+    let a_labels;
+    let mut trimmed = domain.strip_suffix('.').unwrap_or(domain);
+    if !trimmed.is_ascii() {
+        a_labels = Name::from_utf8(trimmed).map_err(|_| invalid())?.to_ascii();
+        trimmed = a_labels.strip_suffix('.').unwrap_or(&a_labels);
+    }
     if trimmed.is_empty() || trimmed.len() > MAX_DOMAIN_NAME_BYTES || !trimmed.is_ascii() {
         return Err(invalid());
     }
@@ -841,7 +847,10 @@ mod tests {
             (".", None),
             ("[192.0.2.1]", None),
             ("exa mple.test", None),
-            ("bücher.test", None),
+            ("bücher.test", Some("xn--bcher-kva.test.")),
+            ("BÜCHER.test.", Some("xn--bcher-kva.test.")),
+            ("xn--bcher-kva.test", Some("xn--bcher-kva.test.")),
+            ("bü cher.test", None),
             ("a..b", None),
         ];
         for (input, expected) in cases {
