@@ -370,6 +370,23 @@ fn a_relayed_message_reaches_the_mx_byte_exact() {
     assert_eq!(mx.connections.load(Ordering::SeqCst), 1);
 }
 
+#[test]
+fn mail_to_an_address_literal_goes_to_that_address_without_dns() {
+    // The fake DNS knows only far.test; the MX listens on 127.0.0.2.
+    let FarTest { server, mx, .. } = &far_test(Script::default(), "");
+    let reply = send_mail(
+        server.addr("smtp"),
+        "alice@example.test",
+        &["lit@[127.0.0.2]"],
+        b"Subject: literal\r\n\r\nhi\r\n",
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    wait_until(Duration::from_secs(10), "delivery", || {
+        !accepted(mx).is_empty()
+    });
+    assert_eq!(accepted(mx)[0].to, vec!["lit@[127.0.0.2]"]);
+}
+
 /// A line longer than SMTP allows (RFC 5321 §4.5.3.1.6) goes out folded: cut before every
 /// 999th octet with CRLF SPACE, the body's bytes otherwise unchanged and in order.
 #[test]

@@ -15,7 +15,7 @@
 //! (the domain's MX records point back at this host), not in this system's configuration,
 //! and 5.4.6 is what Postfix and Exim report for the same condition.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -102,6 +102,28 @@ pub fn smarthost_route(policy: &NextHopPolicy) -> Option<Route> {
         .smarthost
         .as_ref()
         .map(|hop| Route::Hops(vec![hop.clone()]))
+}
+
+/// The route for an address literal, "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321
+/// §4.1.3): that address itself, without DNS. `None` for a domain name.
+pub fn address_literal_route(domain: &str, policy: &NextHopPolicy) -> Option<Route> {
+    let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
+    let ip = match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+            inner[5..].parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+        }
+        _ => inner.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+    };
+    Some(match ip {
+        Some(ip) => Route::Hops(vec![Hop {
+            host: ip.to_string(),
+            port: policy.relay_port,
+        }]),
+        None => Route::Bounce(Reply::local(
+            550,
+            format!("5.1.3 unusable address literal {domain}"),
+        )),
+    })
 }
 
 fn same_host(a: &str, b: &str) -> bool {
@@ -425,6 +447,36 @@ mod tests {
             }
             .literal_ip(),
             None
+        );
+    }
+
+    #[test]
+    fn address_literals_route_to_their_address() {
+        let policy = policy();
+        let hop = |domain: &str| match address_literal_route(domain, &policy) {
+            Some(Route::Hops(hops)) => Some(hops[0].literal_ip().unwrap()),
+            Some(Route::Bounce(reply)) => panic!("{domain}: {reply:?}"),
+            None => None,
+        };
+        assert_eq!(hop("[192.0.2.1]"), Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            hop("[IPv6:2001:db8::1]"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(hop("[ipv6:::1]"), Some("::1".parse().unwrap()));
+        assert_eq!(hop("example.test"), None);
+        for bad in ["[2001:db8::1]", "[192.0.2.999]", "[]", "[IPv6:192.0.2.1]"] {
+            assert!(
+                matches!(address_literal_route(bad, &policy), Some(Route::Bounce(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            address_literal_route("[192.0.2.1]", &policy),
+            Some(Route::Hops(vec![Hop {
+                host: "192.0.2.1".into(),
+                port: policy.relay_port
+            }]))
         );
     }
 

@@ -17,7 +17,9 @@ use crate::relay::client::{
     body_pieces, contains_8bit, data_terminator, ClientAction, OutgoingMessage, RecipientOutcome,
     Reply, ReplyClass, SmtpClient,
 };
-use crate::relay::nexthop::{hop_targets, route_for_domain, smarthost_route, HopTargets, Route};
+use crate::relay::nexthop::{
+    address_literal_route, hop_targets, route_for_domain, smarthost_route, HopTargets, Route,
+};
 use crate::shard::conn::{read_some, write_all, write_all_vectored, ReadOutcome};
 use crate::shard::stream::OutboundStream;
 
@@ -122,7 +124,7 @@ async fn fail_job(shard: &Rc<Shard>, job: &Job, reply: &Reply) {
 async fn open_session(shard: &Rc<Shard>, domain: &str) -> Result<Session, Reply> {
     let policy = &shard.shared.relay.policy;
     let resolver = &shard.relay.resolver;
-    let route = match smarthost_route(policy) {
+    let route = match smarthost_route(policy).or_else(|| address_literal_route(domain, policy)) {
         Some(route) => route,
         None => match resolver.resolve_mx(domain).await {
             Ok(mx) => route_for_domain(domain, &mx, policy, &mut rand::thread_rng()),
