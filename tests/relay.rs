@@ -97,9 +97,23 @@ struct MxLog {
     accepted: Mutex<Vec<Delivered>>,
 }
 
-/// A scripted SMTP server on `ip:port`.
+/// A scripted SMTP server on `ip:port`; on 127.0.0.2 it takes the socket
+/// [`free_relay_port`] reserved.
 fn start_mx(ip: &str, port: u16, script: Script) -> Arc<MxLog> {
-    let listener = TcpListener::bind((ip, port)).expect("bind fake MX");
+    let reserved = {
+        let mut reserved = RESERVED_RELAY_PORTS.lock().unwrap();
+        let at = reserved
+            .iter()
+            .position(|s| ip == "127.0.0.2" && reserved_port(s) == port);
+        at.map(|at| reserved.swap_remove(at))
+    };
+    let listener: TcpListener = match reserved {
+        Some(socket) => {
+            socket.listen(128).expect("listen fake MX");
+            socket.into()
+        }
+        None => TcpListener::bind((ip, port)).expect("bind fake MX"),
+    };
     let log = Arc::new(MxLog::default());
     let server_log = Arc::clone(&log);
     std::thread::spawn(move || {
@@ -262,13 +276,28 @@ fn far_test_zone() -> fake_dns::Zone {
     zone
 }
 
-/// A port free on 127.0.0.2 (and, in practice, on the other 127.0.0.x addresses).
+/// Sockets bound (not listening) on 127.0.0.2 by [`free_relay_port`], until a fake MX takes
+/// one over: held, the port cannot go to another socket in between (tests run side by side
+/// and open connections all the time), and not listening, a connection to it is refused as
+/// to a free port.
+static RESERVED_RELAY_PORTS: Mutex<Vec<socket2::Socket>> = Mutex::new(Vec::new());
+
+fn reserved_port(socket: &socket2::Socket) -> u16 {
+    socket.local_addr().unwrap().as_socket().unwrap().port()
+}
+
+/// A port of 127.0.0.2 reserved for this test's fake MX (and, in practice, free on the other
+/// 127.0.0.x addresses).
 fn free_relay_port() -> u16 {
-    TcpListener::bind("127.0.0.2:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let port = reserved_port(&socket);
+    RESERVED_RELAY_PORTS.lock().unwrap().push(socket);
+    port
 }
 
 /// `mail_config` with its relay pointed at the fake DNS and MX port, and quick retries.
