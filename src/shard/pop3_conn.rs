@@ -201,12 +201,14 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 session.message_sent();
             }
             Action::Commit { deletions } => {
-                let ok = commit_deletions(&shard, &deletions).await;
-                if ok {
-                    shard.metrics.record_pop3_deletions(deletions.len());
-                    if let Some(held) = maildrop.as_mut() {
-                        held.removed = deletions;
-                    }
+                let recorded = commit_deletions(&shard, &deletions).await;
+                let ok = recorded.len() == deletions.len();
+                shard.metrics.record_pop3_deletions(recorded.len());
+                // The index forgets every deletion that is durable, even when another failed:
+                // such a message is gone from the log's point of view, and once its record
+                // dies, listing it would offer a message RETR can no longer send.
+                if let Some(held) = maildrop.as_mut() {
+                    held.removed = recorded;
                 }
                 // Release the lock (and forget the deleted) before the client hears +OK.
                 drop(maildrop.take());
@@ -430,7 +432,9 @@ async fn queue_message(
 }
 
 /// UPDATE: records the deletions durably in the log of each shard that stored them.
-async fn commit_deletions(shard: &Rc<Shard>, deletions: &[MessageKey]) -> bool {
+/// Records the deletions with the shards that store the messages; returns those that are
+/// durable (all of them, unless a shard failed to record its share).
+async fn commit_deletions(shard: &Rc<Shard>, deletions: &[MessageKey]) -> Vec<MessageKey> {
     let mut by_record: BTreeMap<(u16, u64), Vec<u16>> = BTreeMap::new();
     for key in deletions {
         by_record
@@ -438,18 +442,30 @@ async fn commit_deletions(shard: &Rc<Shard>, deletions: &[MessageKey]) -> bool {
             .or_default()
             .push(key.recipient);
     }
+    let keys = |(storing_shard, record): (u16, u64), recipients: &[u16]| {
+        recipients
+            .iter()
+            .map(|&recipient| MessageKey {
+                shard: storing_shard,
+                record,
+                recipient,
+            })
+            .collect::<Vec<_>>()
+    };
     let mut waits = Vec::new();
     let mut local = Vec::new();
     for ((storing_shard, record), recipients) in by_record {
+        let group = keys((storing_shard, record), &recipients);
         let record = RecordId(record);
         if usize::from(storing_shard) == shard.id {
             // Concurrent appends share one group commit.
             let shard = Rc::clone(shard);
-            local.push(glommio::spawn_local(async move {
+            let task = glommio::spawn_local(async move {
                 record_outcome(&shard, record, recipients, Outcome::Deleted)
                     .await
                     .map_err(|e| e.to_string())
-            }));
+            });
+            local.push((group, task));
         } else {
             let (reply, answer) = reply_channel();
             shard
@@ -464,27 +480,24 @@ async fn commit_deletions(shard: &Rc<Shard>, deletions: &[MessageKey]) -> bool {
                     },
                 )
                 .await;
-            waits.push(answer);
+            waits.push((group, answer));
         }
     }
-    let mut ok = true;
-    for task in local {
-        if let Err(e) = task.await {
-            tracing::error!(shard = shard.id, "deletion not recorded: {e}");
-            ok = false;
+    let mut recorded = Vec::with_capacity(deletions.len());
+    for (group, task) in local {
+        match task.await {
+            Ok(()) => recorded.extend(group),
+            Err(e) => tracing::error!(shard = shard.id, "deletion not recorded: {e}"),
         }
     }
-    for answer in waits {
+    for (group, answer) in waits {
         match answer.recv_async().await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(shard = shard.id, "deletion not recorded: {e}");
-                ok = false;
-            }
-            Err(_) => ok = false,
+            Ok(Ok(())) => recorded.extend(group),
+            Ok(Err(e)) => tracing::error!(shard = shard.id, "deletion not recorded: {e}"),
+            Err(_) => tracing::error!(shard = shard.id, "deletion not recorded: shard gone"),
         }
     }
-    ok
+    recorded
 }
 
 /// Loopback, including IPv4 loopback seen through an IPv6 socket.
