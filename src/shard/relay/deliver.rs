@@ -143,14 +143,14 @@ async fn open_session(shard: &Rc<Shard>, domain: &str) -> Result<Session, Reply>
         Route::Bounce(reply) => return Err(reply),
         Route::Hops(hops) => hops,
     };
-    let mut last = Reply::local(451, format!("4.4.1 no mail host for {domain} answered"));
+    let mut failures = HostFailures::new(domain);
     for hop in hops {
         let addrs = match hop.literal_ip() {
             Some(ip) => vec![ip],
             None => match resolver.resolve_addrs(&hop.host).await {
                 Ok(addrs) => addrs,
                 Err(e) => {
-                    last = Reply::local(451, format!("4.4.3 {}: {e}", hop.host));
+                    failures.note(Reply::local(451, format!("4.4.3 {}: {e}", hop.host)));
                     continue;
                 }
             },
@@ -168,17 +168,45 @@ async fn open_session(shard: &Rc<Shard>, domain: &str) -> Result<Session, Reply>
                                 %target,
                                 "relay host failed: {reply}"
                             );
-                            last = reply;
+                            failures.note(reply);
                         }
                     }
                 }
             }
             HopTargets::Loop(reply) => return Err(reply),
-            HopTargets::NoAddress(reply) => last = reply,
+            HopTargets::NoAddress(reply) => failures.note(reply),
         }
     }
-    // A 5xx greeting is the host's word; a connection failure is never permanent.
-    Err(last)
+    Err(failures.verdict())
+}
+
+/// The failures of a domain's hosts, tried in turn, and what they decide for its mail.
+struct HostFailures {
+    last: Reply,
+    last_transient: Option<Reply>,
+}
+
+impl HostFailures {
+    fn new(domain: &str) -> HostFailures {
+        HostFailures {
+            last: Reply::local(451, format!("4.4.1 no mail host for {domain} answered")),
+            last_transient: None,
+        }
+    }
+
+    fn note(&mut self, reply: Reply) {
+        if reply.code < 500 {
+            self.last_transient = Some(reply.clone());
+        }
+        self.last = reply;
+    }
+
+    /// A 5xx greeting is a host's word, but mail bounces only when every host gave one: one
+    /// that failed for now (a refused connection, a timeout, a 4xx) may take it later. The
+    /// order the hosts were tried in does not decide.
+    fn verdict(self) -> Reply {
+        self.last_transient.unwrap_or(self.last)
+    }
 }
 
 /// An SMTP session with one relay host.
@@ -407,5 +435,28 @@ impl Session {
     fn broken(&mut self, error: std::io::Error) {
         tracing::debug!(remote = self.remote, "relay write failed: {error}");
         self.client.connection_closed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_bounces_only_when_every_host_refused_it_for_good() {
+        let refused = Reply::local(554, "5.3.0 no service here");
+        let later = Reply::local(421, "4.4.2 timed out");
+        for order in [[&refused, &later], [&later, &refused]] {
+            let mut failures = HostFailures::new("far.test");
+            for reply in order {
+                failures.note(reply.clone());
+            }
+            assert_eq!(failures.verdict(), later);
+        }
+        let mut failures = HostFailures::new("far.test");
+        failures.note(refused.clone());
+        failures.note(refused.clone());
+        assert_eq!(failures.verdict(), refused);
+        assert_eq!(HostFailures::new("far.test").verdict().code, 451);
     }
 }
