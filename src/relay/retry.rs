@@ -52,6 +52,37 @@ impl RetryPolicy {
         self.next_before(first_attempt, failed_attempts, expiry)
     }
 
+    /// [`RetryPolicy::next_attempt`], but never before `now`: the slots a recipient missed
+    /// (the process was down, or an attempt outlasted its step) are skipped, not fired back
+    /// to back at a host that has just failed.
+    pub fn next_attempt_from(
+        &self,
+        first_attempt: Duration,
+        failed_attempts: u32,
+        now: Duration,
+    ) -> NextAttempt {
+        let behind = now.saturating_sub(first_attempt);
+        let steps = failed_attempts.max(1).max(self.steps_to_reach(behind));
+        self.next_attempt(first_attempt, steps)
+    }
+
+    /// The fewest steps (at least 1) whose cumulative delay reaches `target`.
+    fn steps_to_reach(&self, target: Duration) -> u32 {
+        let Some(&last) = self.schedule_secs.last() else {
+            return 1;
+        };
+        let mut total = Duration::ZERO;
+        for (listed, &step) in self.schedule_secs.iter().enumerate() {
+            total = total.saturating_add(secs_to_duration(step.max(MIN_RETRY_STEP_SECS)));
+            if total >= target {
+                return u32::try_from(listed + 1).unwrap_or(u32::MAX);
+            }
+        }
+        let last = secs_to_duration(last.max(MIN_RETRY_STEP_SECS)).as_nanos();
+        let repeats = (target - total).as_nanos().div_ceil(last);
+        u32::try_from(self.schedule_secs.len() as u128 + repeats).unwrap_or(u32::MAX)
+    }
+
     fn next_before(&self, first: Duration, failed_attempts: u32, expiry: Duration) -> NextAttempt {
         let elapsed = self.cumulative_delay(failed_attempts.max(1));
         match first.checked_add(elapsed) {
@@ -111,6 +142,61 @@ mod tests {
 
     fn at(secs: f64) -> NextAttempt {
         NextAttempt::At(Duration::from_secs_f64(secs))
+    }
+
+    #[test]
+    fn missed_slots_are_skipped_not_fired_back_to_back() {
+        let retry = policy(&[60.0, 300.0], 1e9);
+        // On time: the schedule as is.
+        assert_eq!(
+            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(10)),
+            at(60.0)
+        );
+        // Back after an outage at 1,000 s: slots at 60, 360, 660 and 960 are gone; 1,260 is next.
+        assert_eq!(
+            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(1000)),
+            at(1260.0)
+        );
+        // Exactly on a slot takes it; within the listed steps too.
+        assert_eq!(
+            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(360)),
+            at(360.0)
+        );
+        assert_eq!(
+            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(61)),
+            at(360.0)
+        );
+        // Past the lifetime: expired, as before.
+        let short = policy(&[60.0], 100.0);
+        assert_eq!(
+            short.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(500)),
+            NextAttempt::Expired
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn the_next_attempt_from_now_is_never_in_the_past(
+            first in 0u64..1_000_000,
+            failed in 1u32..50,
+            late in 0u64..10_000_000,
+        ) {
+            let policy = policy(&[60.0, 300.0, 900.0], 1e12);
+            let first = Duration::from_secs(first);
+            let now = first + Duration::from_secs(late);
+            match policy.next_attempt_from(first, failed, now) {
+                NextAttempt::At(at) => {
+                    prop_assert!(at >= now);
+                    if let NextAttempt::At(plain) = policy.next_attempt(first, failed) {
+                        prop_assert!(at >= plain);
+                        if plain >= now {
+                            prop_assert_eq!(at, plain);
+                        }
+                    }
+                }
+                NextAttempt::Expired => prop_assert!(false, "lifetime is 1e12 s"),
+            }
+        }
     }
 
     #[test]

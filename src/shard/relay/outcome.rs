@@ -87,7 +87,8 @@ fn expiry_reply(last: &Reply) -> Reply {
 async fn defer(shard: &Rc<Shard>, job: &Job, deferred: Vec<(u16, Reply)>) -> Vec<(u16, Reply)> {
     let attempts = job.attempts.saturating_add(1);
     let first = Duration::from_millis(job.first_attempt_ms);
-    let next_ms = match shard.relay.retry.next_attempt(first, attempts) {
+    let now = Duration::from_millis(super::unix_now_us());
+    let next_ms = match shard.relay.retry.next_attempt_from(first, attempts, now) {
         NextAttempt::At(at) => at.as_millis() as u64,
         NextAttempt::Expired => {
             return deferred
