@@ -229,7 +229,7 @@ impl RelayState {
 
 /// Unix time in milliseconds: the queue's clock (deferral records store it, so schedules
 /// survive restarts).
-pub fn unix_now_us() -> u64 {
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -237,7 +237,7 @@ pub fn unix_now_us() -> u64 {
 
 /// Queues the relayed recipients of a message just made durable: due now.
 pub fn queue_new_message(shard: &Shard, message: RecordId, envelope: &Envelope) {
-    let now = unix_now_us();
+    let now = unix_now_ms();
     for job in queue::jobs_for_message(message, envelope, |_| true) {
         shard.relay.enqueue(job, now);
     }
@@ -261,7 +261,7 @@ pub fn queue_recovered(
             }
         }
     }
-    let now = unix_now_us();
+    let now = unix_now_ms();
     let mut queued = 0usize;
     for (id, layout) in messages {
         let latest = queue::latest_deferrals(deferrals.get(&id.0).into_iter().flatten());
@@ -291,7 +291,7 @@ pub async fn run_scheduler(shard: Rc<Shard>) {
         if relay.is_stopping() {
             return;
         }
-        let now = unix_now_us();
+        let now = unix_now_ms();
         loop {
             let Some(job) = relay.queue.borrow_mut().pop_due(now) else {
                 break;

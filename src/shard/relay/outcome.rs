@@ -87,7 +87,7 @@ fn expiry_reply(last: &Reply) -> Reply {
 async fn defer(shard: &Rc<Shard>, job: &Job, deferred: Vec<(u16, Reply)>) -> Vec<(u16, Reply)> {
     let attempts = job.attempts.saturating_add(1);
     let first = Duration::from_millis(job.first_attempt_ms);
-    let now = Duration::from_millis(super::unix_now_us());
+    let now = Duration::from_millis(super::unix_now_ms());
     let next_ms = match shard.relay.retry.next_attempt_from(first, attempts, now) {
         NextAttempt::At(at) => at.as_millis() as u64,
         NextAttempt::Expired => {
@@ -214,7 +214,7 @@ async fn bounce(
             original_sender: &sender,
             queue_id: &qid,
             arrival_unix_secs: layout.envelope.received_at_secs() as i64,
-            now_unix_secs: (super::unix_now_us() / 1000) as i64,
+            now_unix_secs: (super::unix_now_ms() / 1000) as i64,
             recipients: &recipients,
             original_message: &original,
         });
