@@ -63,41 +63,111 @@ pub async fn write_all<S: AsyncWrite + Unpin>(
 /// Writes every piece, in order, with as few system calls as the socket allows (one, unless
 /// it is full), then flushes: used to send reply lines, stored message bytes and terminators
 /// together without first copying them into one buffer.
+///
+/// `timeout` bounds each wait for the peer to take more bytes, not the whole transfer (RFC
+/// 5321 §4.5.3.2.5 times each data block): a slow peer that keeps reading a large message is
+/// never cut off, one that stops is.
 pub async fn write_all_vectored<S: AsyncWrite + Unpin>(
     stream: &mut S,
     pieces: &[&[u8]],
     timeout: Duration,
 ) -> io::Result<()> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "peer took no bytes in time");
     let mut piece = 0;
     let mut offset = 0;
-    glommio::timer::timeout(timeout, async {
-        while piece < pieces.len() {
-            let slices: Vec<io::IoSlice<'_>> = std::iter::once(&pieces[piece][offset..])
-                .chain(pieces[piece + 1..].iter().copied())
-                .map(io::IoSlice::new)
-                .collect();
-            let mut written = stream
-                .write_vectored(&slices)
-                .await
-                .map_err(glommio::GlommioError::IoError)?;
-            if written == 0 && slices.iter().any(|s| !s.is_empty()) {
-                return Err(glommio::GlommioError::IoError(
-                    io::ErrorKind::WriteZero.into(),
-                ));
-            }
-            while piece < pieces.len() && written >= pieces[piece].len() - offset {
-                written -= pieces[piece].len() - offset;
-                piece += 1;
-                offset = 0;
-            }
-            offset += written;
+    while piece < pieces.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&pieces[piece][offset..])
+            .chain(pieces[piece + 1..].iter().copied())
+            .map(io::IoSlice::new)
+            .collect();
+        let mut written = futures_lite::future::or(
+            async { Some(stream.write_vectored(&slices).await) },
+            async {
+                glommio::timer::sleep(timeout).await;
+                None
+            },
+        )
+        .await
+        .ok_or_else(timed_out)??;
+        if written == 0 && slices.iter().any(|s| !s.is_empty()) {
+            return Err(io::ErrorKind::WriteZero.into());
         }
-        // Like `write_all`: a TLS stream holds its records until flushed.
-        stream.flush().await.map_err(glommio::GlommioError::IoError)
+        while piece < pieces.len() && written >= pieces[piece].len() - offset {
+            written -= pieces[piece].len() - offset;
+            piece += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    // Like `write_all`: a TLS stream holds its records until flushed.
+    futures_lite::future::or(async { Some(stream.flush().await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
     })
     .await
-    .map_err(|e| match e {
-        glommio::GlommioError::IoError(e) => e,
-        other => io::Error::new(io::ErrorKind::TimedOut, other.to_string()),
-    })
+    .ok_or_else(timed_out)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Writes `total` bytes with [`write_all_vectored`] to a reader that takes up to `chunk`
+    /// bytes every `pause` (or none at all), and returns the writer's result.
+    fn write_to_reader(
+        total: usize,
+        chunk: Option<usize>,
+        pause: Duration,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut buffer = vec![0u8; chunk.unwrap_or(1)];
+            loop {
+                std::thread::sleep(pause);
+                if chunk.is_none() || !matches!(socket.read(&mut buffer), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        });
+        let result = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mut stream = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let body = vec![b'x'; total];
+                write_all_vectored(&mut stream, &[b"+OK\r\n", &body], timeout).await
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        reader.join().unwrap();
+        result
+    }
+
+    #[test]
+    fn a_slow_reader_that_keeps_reading_is_never_cut_off() {
+        // 128 MiB at 1 MiB every 20 ms takes seconds: longer than the timeout, which bounds
+        // each wait for progress, not the transfer.
+        write_to_reader(
+            128 << 20,
+            Some(1 << 20),
+            Duration::from_millis(20),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_reader_that_stops_is_cut_off() {
+        let error = write_to_reader(
+            64 << 20,
+            None,
+            Duration::from_secs(3),
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
 }
