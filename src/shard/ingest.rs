@@ -33,7 +33,7 @@ pub fn write_return_path_line(out: &mut Vec<u8>, mail_from: &str) {
     out.extend_from_slice(b">\r\n");
 }
 
-fn unix_now_ms() -> u64 {
+fn unix_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -62,7 +62,7 @@ pub async fn store_transaction(
     }
     let id = shard.store.allocate_id();
     let queue_id = queue_id(shard.id, id);
-    let received_at_us = unix_now_ms();
+    let received_at_us = unix_now_us();
     let received = received::build(&received::ReceivedFields {
         helo: &transaction.helo,
         peer_ip: transaction.peer.ip(),
@@ -273,7 +273,7 @@ pub async fn store_generated(
     };
     let id = shard.store.allocate_id();
     let queue_id = queue_id(shard.id, id);
-    let received_at_us = unix_now_ms();
+    let received_at_us = unix_now_us();
     // No client handed this over: the trace header says only who made it.
     let received = format!(
         "Received: by {} (ringmail) id {queue_id};\r\n\t{}\r\n",
