@@ -143,14 +143,7 @@ impl<D: SegmentDir> Store<D> {
         if id.0 == 0 || id.0 >= self.state.borrow().next_id {
             return Err(StoreError::UnallocatedId(id));
         }
-        let payload_len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
-        let max_bytes = self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES);
-        if payload_len > max_bytes {
-            return Err(StoreError::RecordTooLarge {
-                size_bytes: payload_len,
-                max_bytes,
-            });
-        }
+        payload_len_within(&pieces, self.record_limit())?;
         let placed = self
             .append_record(RecordType::Data, id, kind, pieces)
             .await?;
@@ -181,8 +174,7 @@ impl<D: SegmentDir> Store<D> {
     pub(super) async fn write_tombstones(&self, ids: &[RecordId]) -> Result<(), StoreError> {
         // Eight bytes an id; a small max_record_bytes (a small max_message_size) must not
         // make a large batch unwritable, or reclaim would stall on it for good.
-        let max_bytes = self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES);
-        let ids_per_record = usize::try_from(max_bytes / 8)
+        let ids_per_record = usize::try_from(self.record_limit() / 8)
             .unwrap_or(usize::MAX)
             .clamp(1, MAX_IDS_PER_TOMBSTONE);
         for chunk in ids.chunks(ids_per_record) {
@@ -251,6 +243,11 @@ impl<D: SegmentDir> Store<D> {
         }
     }
 
+    /// The largest payload a new record may have: `max_record_bytes`, within the format's.
+    fn record_limit(&self) -> u64 {
+        self.opts.max_record_bytes.min(record::MAX_PAYLOAD_BYTES)
+    }
+
     /// Checks, reserves, writes and commits one record of any type.
     pub(super) async fn append_record(
         &self,
@@ -262,13 +259,7 @@ impl<D: SegmentDir> Store<D> {
         // Only the format's own bound: `max_record_bytes` limits new records (`append`,
         // tombstones split to fit it), never compaction's copies of records accepted under
         // an earlier, larger setting, which must stay movable.
-        let payload_len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
-        if payload_len > record::MAX_PAYLOAD_BYTES {
-            return Err(StoreError::RecordTooLarge {
-                size_bytes: payload_len,
-                max_bytes: record::MAX_PAYLOAD_BYTES,
-            });
-        }
+        let payload_len = payload_len_within(&pieces, record::MAX_PAYLOAD_BYTES)?;
         let header = RecordHeader {
             record_type,
             kind,
@@ -578,4 +569,16 @@ impl<D: SegmentDir> Store<D> {
         tracing::debug!(segment = seq, size_bytes, "new active segment");
         Ok(())
     }
+}
+
+/// The payload length of `pieces`, or `RecordTooLarge` beyond `max_bytes`.
+fn payload_len_within(pieces: &[Vec<u8>], max_bytes: u64) -> Result<u64, StoreError> {
+    let size_bytes: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+    if size_bytes > max_bytes {
+        return Err(StoreError::RecordTooLarge {
+            size_bytes,
+            max_bytes,
+        });
+    }
+    Ok(size_bytes)
 }
