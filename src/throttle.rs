@@ -102,18 +102,16 @@ impl FailureThrottle {
     /// checked, taking the address's next slot: zero for an address without failures on
     /// record, else until its slot, and the slot after is one delay later.
     pub fn admit_attempt(&mut self, addr: IpAddr, now: Instant) -> Duration {
-        let forget_after = self.params.forget_after;
-        let Some(record) = self.records.get(&throttle_key(addr)).copied() else {
+        // No failures remembered (none, or forgotten): no delay, nothing to take.
+        let delay = self.delay_after(self.failures(addr, now));
+        let Some(record) = self.records.get_mut(&throttle_key(addr)) else {
             return Duration::ZERO;
         };
-        if now.saturating_duration_since(record.last_failure) >= forget_after {
+        if delay.is_zero() {
             return Duration::ZERO;
         }
         let slot = record.next_attempt.max(now);
-        let delay = self.delay_after(record.failures);
-        if let Some(record) = self.records.get_mut(&throttle_key(addr)) {
-            record.next_attempt = slot + delay;
-        }
+        record.next_attempt = slot + delay;
         slot - now
     }
 

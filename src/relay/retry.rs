@@ -146,32 +146,27 @@ mod tests {
 
     #[test]
     fn missed_slots_are_skipped_not_fired_back_to_back() {
-        let retry = policy(&[60.0, 300.0], 1e9);
-        // On time: the schedule as is.
-        assert_eq!(
-            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(10)),
-            at(60.0)
-        );
-        // Back after an outage at 1,000 s: slots at 60, 360, 660 and 960 are gone; 1,260 is next.
-        assert_eq!(
-            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(1000)),
-            at(1260.0)
-        );
-        // Exactly on a slot takes it; within the listed steps too.
-        assert_eq!(
-            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(360)),
-            at(360.0)
-        );
-        assert_eq!(
-            retry.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(61)),
-            at(360.0)
-        );
-        // Past the lifetime: expired, as before.
-        let short = policy(&[60.0], 100.0);
-        assert_eq!(
-            short.next_attempt_from(Duration::ZERO, 1, Duration::from_secs(500)),
-            NextAttempt::Expired
-        );
+        // (schedule, lifetime, now in seconds since the first attempt, expected); one failed
+        // attempt each. Slots of [60, 300]: 60, 360, 660, 960, 1260, …
+        let cases: &[(&[f64], f64, u64, NextAttempt)] = &[
+            // On time: the schedule as is.
+            (&[60.0, 300.0], 1e9, 10, at(60.0)),
+            // Back after an outage at 1,000 s: 60 to 960 are gone; 1,260 is next.
+            (&[60.0, 300.0], 1e9, 1000, at(1260.0)),
+            // Exactly on a slot takes it; within the listed steps too.
+            (&[60.0, 300.0], 1e9, 360, at(360.0)),
+            (&[60.0, 300.0], 1e9, 61, at(360.0)),
+            // Past the lifetime: expired, as before.
+            (&[60.0], 100.0, 500, NextAttempt::Expired),
+        ];
+        for (schedule, lifetime, now, expected) in cases {
+            let got = policy(schedule, *lifetime).next_attempt_from(
+                Duration::ZERO,
+                1,
+                Duration::from_secs(*now),
+            );
+            assert_eq!(got, *expected, "{schedule:?} at {now} s");
+        }
     }
 
     proptest! {
