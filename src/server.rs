@@ -429,11 +429,7 @@ impl DataDirLock {
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(io)?;
             // Make the new name durable (the shards sync what they create below it).
-            let parent = match dir.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => parent,
-                _ => Path::new("."),
-            };
-            File::open(parent)
+            File::open(crate::store::backend::parent_dir(dir))
                 .and_then(|parent| parent.sync_all())
                 .map_err(io)?;
         }

@@ -61,6 +61,15 @@ pub trait SegmentDir {
     fn free_space_bytes(&self) -> io::Result<u64>;
 }
 
+/// The directory holding `path`, whose sync makes `path`'s name durable ("." for a bare
+/// relative name).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
 /// A shard's segment directory on a real file system.
 pub struct DiskDir {
     /// Where the segments live (`data_dir/shard-N`).
@@ -85,11 +94,7 @@ impl DiskDir {
             Directory::create(at).await?;
             // A new directory's name is durable only once its parent is synced; without it
             // a power cut could take the shard directory, and the log in it, with it.
-            let parent = match at.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => parent,
-                _ => Path::new("."),
-            };
-            Directory::open(parent).await?.sync().await?;
+            Directory::open(parent_dir(at)).await?.sync().await?;
         }
         Ok(DiskDir {
             path: path.to_owned(),
