@@ -49,6 +49,20 @@ pub fn max_message_record_bytes(max_message_size: u64, max_recipients: usize) ->
         .saturating_add(max_envelope_bytes(max_recipients))
 }
 
+/// The largest record ringmail writes for a message it makes itself (a DSN to one
+/// recipient), whatever `max_message_size` says.
+pub fn max_generated_record_bytes() -> u64 {
+    crate::relay::dsn::MAX_DSN_BYTES as u64
+        + crate::smtp::received::MAX_RECEIVED_BYTES as u64
+        + max_envelope_bytes(1)
+}
+
+/// The log's limit on a new record: room for every message the session accepts and for every
+/// message ringmail generates.
+pub fn log_record_limit(max_message_size: u64, max_recipients: usize) -> u64 {
+    max_message_record_bytes(max_message_size, max_recipients).max(max_generated_record_bytes())
+}
+
 /// The largest `max_message_size` whose records fit `record_limit` octets with
 /// `max_recipients`, or `None` if not even a one-octet message would.
 pub fn largest_message_size_fitting(max_recipients: usize, record_limit: u64) -> Option<u64> {

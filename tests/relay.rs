@@ -543,6 +543,59 @@ fn a_5xx_bounces_with_a_dsn_in_the_local_senders_mailbox() {
     assert_eq!(got[0].to, vec!["bob@far.test"]);
 }
 
+/// A DSN quotes every failed recipient with its reply, so it can be larger than any message
+/// a small `max_message_size` admits: it must still be stored and reach the sender.
+#[test]
+fn a_dsn_larger_than_the_largest_acceptable_message_still_reaches_the_sender() {
+    let long_reason = "no such user here ".repeat(40);
+    let script = Script {
+        rcpt: Arc::new(move |rcpt, _| {
+            if rcpt.starts_with("nobody") {
+                format!("550 5.1.1 {long_reason}")
+            } else {
+                "250 2.1.5 ok".into()
+            }
+        }),
+        ..Script::default()
+    };
+    let port = free_relay_port();
+    let dns = start_dns(far_test_zone());
+    let _mx = start_mx("127.0.0.2", port, script);
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay_config(dir.path(), dns.addr, port, "").replace(
+        "[smtp]\n",
+        "[smtp]\nmax_message_size = 1000\nmax_recipients = 4\n",
+    );
+    let server = Server::start(dir.path(), &config);
+    let recipients = [
+        "nobody1@far.test",
+        "nobody2@far.test",
+        "nobody3@far.test",
+        "nobody4@far.test",
+    ];
+    let reply = send_mail(
+        server.addr("smtp"),
+        "alice@example.test",
+        &recipients,
+        &mail("all bounce"),
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    let dsns = alice_mail(&server, 1);
+    let dsn = &dsns[0];
+    let largest_message_record = ringmail::envelope::max_message_record_bytes(1000, 4);
+    assert!(
+        dsn.len() as u64 > largest_message_record,
+        "the DSN ({} bytes) should outgrow the largest message record ({largest_message_record})",
+        dsn.len()
+    );
+    for recipient in recipients {
+        assert!(
+            dsn.contains(&format!("Final-Recipient: rfc822; {recipient}")),
+            "{dsn}"
+        );
+    }
+}
+
 #[test]
 fn null_mx_bounces_without_connecting_and_nxdomain_bounces() {
     let port = free_relay_port();

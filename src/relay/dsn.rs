@@ -20,6 +20,22 @@ pub const MAX_DIAGNOSTIC_CHARS: usize = 800;
 /// Most recipients listed in one DSN (one transaction's worth).
 pub const MAX_DSN_RECIPIENTS: usize = 1000;
 
+/// Room for what a DSN holds besides its recipients and quoted headers: the fixed text and
+/// the reporting MTA's name (a host name, at most 255 octets) a few times over.
+const DSN_FIXED_BYTES: usize = 16 * 1024;
+/// Room for one listed recipient: its address and its remote host (each within RFC 5321's
+/// limits) and its diagnostic, each given twice (in the text and in the report).
+const DSN_RECIPIENT_BYTES: usize = 4 * 1024;
+/// Room for the quoted headers, and for the five copies of a MIME boundary grown to avoid
+/// them (it can outgrow them by a few octets only).
+const DSN_QUOTED_BYTES: usize = 6 * MAX_QUOTED_HEADER_BYTES + 1024;
+const MAX_DSN_UNSTUFFED_BYTES: usize =
+    DSN_FIXED_BYTES + DSN_QUOTED_BYTES + MAX_DSN_RECIPIENTS * DSN_RECIPIENT_BYTES;
+/// The most octets a DSN body can have, dot-stuffed (at most one dot per three octets),
+/// whatever the message, replies and names it reports on: the log makes room for it, so a
+/// small `max_message_size` can never leave a bounce unstorable.
+pub const MAX_DSN_BYTES: usize = MAX_DSN_UNSTUFFED_BYTES + MAX_DSN_UNSTUFFED_BYTES.div_ceil(3);
+
 /// Whether a message from `envelope_sender` may be bounced: never for the null sender.
 pub fn should_send_dsn(envelope_sender: &str) -> bool {
     let sender = envelope_sender.trim();
@@ -497,6 +513,42 @@ Subject: hello\r
         assert!(quoted_headers(&[&one_line]).len() <= MAX_QUOTED_HEADER_BYTES);
         assert_eq!(quoted_headers(&[b"A: b\r\n\r\nbody"]), b"A: b\r\n");
         assert_eq!(quoted_headers(&[b"A: b"]), b"A: b");
+    }
+
+    /// The largest inputs each part of a DSN can take: the bound must hold for them.
+    #[test]
+    fn the_largest_dsn_fits_its_bound() {
+        let address = format!("{}@{}", "a".repeat(64), "d".repeat(189));
+        let host = format!("{}.test", "h".repeat(250));
+        let reply = Reply::local(550, "5.1.1 ".to_string() + &"x".repeat(4000));
+        let recipients: Vec<DsnRecipient<'_>> = (0..MAX_DSN_RECIPIENTS + 5)
+            .map(|_| DsnRecipient {
+                address: &address,
+                action: DsnAction::Failed,
+                reply: &reply,
+                remote_mta: Some(&host),
+            })
+            .collect();
+        // Dot lines (each stuffed) and lines that make the boundary grow.
+        let dots = ".\r\n".repeat(MAX_QUOTED_HEADER_BYTES);
+        let boundary: String = format!("Q1A2B3.1795654800/{host}")
+            .chars()
+            .take(60)
+            .collect();
+        let bait: String = (0..MAX_QUOTED_HEADER_BYTES / 80)
+            .map(|n| format!("X: --{boundary}{}\r\n", "=".repeat(n)))
+            .collect();
+        for original in [dots, bait] {
+            let pieces = [original.as_bytes()];
+            let mut request = request(&recipients, &pieces);
+            request.reporting_mta = &host;
+            let dsn = build_dsn(&request);
+            assert!(
+                dsn.body.len() <= MAX_DSN_BYTES,
+                "{} > {MAX_DSN_BYTES}",
+                dsn.body.len()
+            );
+        }
     }
 
     proptest! {

@@ -197,9 +197,9 @@ async fn serve(id: usize, ctx: &ShardContext) -> Result<(), ShardError> {
     let dir = config.data_dir.join(format!("shard-{id}"));
     let options = StoreOptions {
         // Every message the session accepts must fit one record, however much dot-stuffing
-        // and however many recipients it carries; config validation kept this within the
-        // store's hard limit.
-        max_record_bytes: crate::envelope::max_message_record_bytes(
+        // and however many recipients it carries, and so must every DSN; config validation
+        // kept this within the store's hard limit.
+        max_record_bytes: crate::envelope::log_record_limit(
             config.smtp.max_message_size,
             config.smtp.max_recipients,
         ),
