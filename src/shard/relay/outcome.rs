@@ -6,6 +6,9 @@
 //!   every recipient that failed in it; none for a message from `<>`.
 //! - deferred → a deferral record with the next attempt from the retry schedule, then the job
 //!   goes back in the queue; past `max_queue_lifetime_secs` it bounces instead.
+//! - a bounce whose DSN could not be stored (a full or failing disk) goes back in the queue
+//!   and is tried again after [`DSN_RETRY_DELAY_MS`], as a whole job: a recipient that failed
+//!   for good fails again and bounces then, an expired one expires again.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -17,7 +20,10 @@ use crate::relay::client::{RecipientOutcome, Reply};
 use crate::relay::dsn::{build_dsn, should_send_dsn, DsnAction, DsnRecipient, DsnRequest};
 use crate::relay::retry::NextAttempt;
 use crate::shard::ingest::{self, queue_id, record_outcome, GeneratedMessage};
-use crate::store::RecordId;
+
+/// How long a bounce whose DSN could not be stored waits before it is tried again: long
+/// enough for an operator to free disk, short enough that senders hear of it the same hour.
+pub const DSN_RETRY_DELAY_MS: u64 = 5 * 60 * 1000;
 
 /// Settles one attempt of `job`: `results` pairs each attempted recipient index with what
 /// happened to it; `remote_mta` names the host that answered, when one did.
@@ -61,7 +67,7 @@ pub async fn settle(
         bounced.extend(expired);
     }
     if !bounced.is_empty() {
-        bounce(shard, job.message, &bounced, remote_mta).await;
+        bounce(shard, job, &bounced, remote_mta).await;
     }
 }
 
@@ -150,14 +156,10 @@ async fn defer(shard: &Rc<Shard>, job: &Job, deferred: Vec<(u16, Reply)>) -> Vec
     Vec::new()
 }
 
-/// Stores one DSN for the bounced recipients of `message` (unless its sender is `<>`), then
-/// records them bounced.
-async fn bounce(
-    shard: &Rc<Shard>,
-    message: RecordId,
-    bounced: &[(u16, Reply)],
-    remote_mta: Option<&str>,
-) {
+/// Stores one DSN for the bounced recipients of `job`'s message (unless its sender is `<>`),
+/// then records them bounced.
+async fn bounce(shard: &Rc<Shard>, job: &Job, bounced: &[(u16, Reply)], remote_mta: Option<&str>) {
+    let message = job.message;
     let pending: Vec<&(u16, Reply)> = {
         let ledger = shard.ledger.borrow();
         bounced
@@ -235,9 +237,21 @@ async fn bounce(
             ),
             Ok(None) => {}
             Err(e) => {
-                // Without its DSN a bounce would be silent: leave the recipients unfinished, so
-                // the next start tries them again.
-                tracing::error!(shard = shard.id, queue_id = qid, "DSN not stored: {e}");
+                // Without its DSN a bounce would be silent: leave the recipients unfinished and
+                // try them again later (a restart would too).
+                tracing::error!(
+                    shard = shard.id,
+                    queue_id = qid,
+                    "DSN not stored, the bounce is tried again in {} s: {e}",
+                    DSN_RETRY_DELAY_MS / 1000
+                );
+                let retry = Job {
+                    recipients: pending.iter().map(|(r, _)| *r).collect(),
+                    ..job.clone()
+                };
+                shard
+                    .relay
+                    .enqueue(retry, super::unix_now_ms() + DSN_RETRY_DELAY_MS);
                 return;
             }
         }
