@@ -5,9 +5,10 @@
 //! - a power cut after the N-th mutating operation: the durable state, plus any subset of the
 //!   unsynced writes (each whole, lost, or torn sector by sector), becomes a [`CrashImage`] to
 //!   reopen, and every later operation fails;
-//! - a failing fdatasync, which (like Linux) drops the writes it covered for good. As on Linux,
-//!   the error is reported once to every open file description: each handle's next fdatasync
-//!   fails too, but a handle opened afterwards never hears of it.
+//! - a failing fdatasync, which (like Linux) drops the writes it covered for good, or, if asked,
+//!   lets them land anyway (Linux leaves open which). As on Linux, the error is reported once
+//!   to every open file description: each handle's next fdatasync fails too, but a handle
+//!   opened afterwards never hears of it.
 //!
 //! Several handles may sync one file at once; each sync covers the writes completed before it
 //! began, whichever handle wrote them.
@@ -39,6 +40,9 @@ pub struct Faults {
     pub seed: u64,
     /// Extra executor turns every fdatasync takes, like a slow disk: lets commit rounds overlap.
     pub fdatasync_yields: u32,
+    /// The writes a failed fdatasync covered reach the disk anyway. Linux leaves open whether
+    /// they did; without this they never do.
+    pub failed_sync_lands: bool,
 }
 
 /// The files (by name) as a disk would hold them after the power cut.
@@ -234,6 +238,19 @@ impl MemFile {
     }
 }
 
+/// Makes `writes` and a file length of `len` durable.
+fn land(file: &mut FileState, len: usize, writes: Vec<PendingWrite>) {
+    if file.durable.len() < len {
+        file.durable.resize(len, 0);
+    }
+    for PendingWrite { pos, data, .. } in writes {
+        if file.durable.len() < pos + data.len() {
+            file.durable.resize(pos + data.len(), 0);
+        }
+        file.durable[pos..pos + data.len()].copy_from_slice(&data);
+    }
+}
+
 /// A snapshot of a file's visible bytes.
 struct MemMap(Vec<u8>);
 
@@ -288,9 +305,14 @@ impl SegmentFile for MemFile {
             .partition(|write| write.number < covered_below);
         file.pending = rest;
         if fail {
-            // Linux marks the pages clean anyway: these writes will never reach the disk.
+            // Linux marks the pages clean anyway: these writes reached the disk by now or
+            // never will.
             file.errors += 1;
             self.errors_seen.set(file.errors);
+            if fs.faults.failed_sync_lands {
+                let file = fs.files.get_mut(&self.id).expect("open file exists");
+                land(file, len, covered);
+            }
             return Err(io::Error::other("fdatasync failed (injected)"));
         }
         if self.errors_seen.replace(file.errors) < file.errors {
@@ -300,15 +322,7 @@ impl SegmentFile for MemFile {
             file.pending.sort_by_key(|write| write.number);
             return Err(io::Error::other("fdatasync failed earlier (injected)"));
         }
-        if file.durable.len() < len {
-            file.durable.resize(len, 0);
-        }
-        for PendingWrite { pos, data, .. } in covered {
-            if file.durable.len() < pos + data.len() {
-                file.durable.resize(pos + data.len(), 0);
-            }
-            file.durable[pos..pos + data.len()].copy_from_slice(&data);
-        }
+        land(file, len, covered);
         Ok(())
     }
 

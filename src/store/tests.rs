@@ -722,6 +722,7 @@ proptest! {
         cut_second in 1u64..400,
         fail_sync in proptest::option::weighted(0.2, 1u64..40),
         sync_yields in prop_oneof![0u32..2, 2u32..12],
+        failed_sync_lands: bool,
         seed: u64,
     ) {
         let model = std::cell::RefCell::new(Model::default());
@@ -732,6 +733,7 @@ proptest! {
             fail_fdatasync_at: fail_sync,
             seed,
             fdatasync_yields: sync_yields,
+            failed_sync_lands,
         };
         let image = run_phase(&CrashImage::default(), faults, &model, &first);
         let (store, recovered) = open(&image, Faults::default());
