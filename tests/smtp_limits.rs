@@ -28,6 +28,17 @@ fn a_shard_over_its_data_cap_still_answers_commands_and_loses_nothing() {
         dir.path(),
         &mail_config(dir.path(), 1, "", "max_message_size = 262144"),
     );
+    // The oldest body, which the cap never holds back, is an unfinished one...
+    let mut oldest = in_transaction(&server, "first@remote.test");
+    assert!(oldest.command("DATA").starts_with("354"));
+    oldest.send(b"Subject: the oldest body\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    // ...so a body already too big when the cap fills is not: thrown away as it comes, it is
+    // still read while the others are held back.
+    let line = format!("{}\r\n", "t".repeat(98));
+    let mut too_big = in_transaction(&server, "big@remote.test");
+    assert!(too_big.command("DATA").starts_with("354"));
+    too_big.send(line.repeat(3000).as_bytes());
     let (in_body, bodies_started) = mpsc::channel();
     let go = Arc::new((Mutex::new(false), Condvar::new()));
     let senders: Vec<_> = (0..SENDERS)
@@ -74,14 +85,25 @@ fn a_shard_over_its_data_cap_still_answers_commands_and_loses_nothing() {
         .starts_with("250"));
     assert!(newcomer.command("QUIT").starts_with("221"));
 
+    // Held back, this client would block in the write or wait for the reply.
+    let limit = Some(Duration::from_secs(10));
+    too_big.stream.set_write_timeout(limit).unwrap();
+    too_big.stream.set_read_timeout(limit).unwrap();
+    too_big.send(line.repeat(30_000).as_bytes());
+    too_big.send(b".\r\n");
+    let reply = too_big.reply();
+    assert!(reply.starts_with("552 5.3.4"), "{reply}");
+
     {
         let (finish, started) = &*go;
         *finish.lock().unwrap() = true;
         started.notify_all();
     }
+    oldest.send(b".\r\n");
+    assert!(oldest.reply().starts_with("250 2.0.0"));
     let bodies: Vec<Vec<u8>> = senders.into_iter().map(|s| s.join().unwrap()).collect();
     let stored = pop3_retrieve_all(server.addr("pop3"), "bob@example.test");
-    assert_eq!(stored.len(), SENDERS);
+    assert_eq!(stored.len(), SENDERS + 1);
     for (n, body) in bodies.iter().enumerate() {
         assert!(
             stored.iter().any(|m| m.ends_with(body)),

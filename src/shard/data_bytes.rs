@@ -5,8 +5,9 @@
 //! bytes back on every path (refusal, disconnect, a task dropped at the end of the shutdown
 //! grace).
 //!
-//! Only reads of body bytes wait for room: a session in command phase is always read, so a
-//! shard at its cap still greets and answers everyone else.
+//! Only reads of body bytes the session keeps wait for room: a session in command phase, or
+//! throwing a body away (too big, a bare line ending), is always read, so a shard at its cap
+//! still greets and answers everyone else, and refuses an oversized body as it streams in.
 //!
 //! Progress: waiting sessions cannot free anything, so if every session were mid-body and
 //! waiting, none would ever finish. The body that started first (the oldest ticket) is

@@ -87,8 +87,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
             }
         }
         // Before poll_action: a finished message still counts while the store makes it
-        // durable, and is only given back here, on the turn after message_stored.
-        hold.update(session.buffered_body_bytes(), session.in_body_transfer());
+        // durable, and is only given back here, on the turn after message_stored. A body
+        // being thrown away holds nothing and gives up its place in line.
+        hold.update(
+            session.buffered_body_bytes(),
+            session.next_read_may_hold_body(),
+        );
         match session.poll_action() {
             Action::StoreMessage(transaction) => {
                 // The next body, pipelined behind this one, starts its own clock.
@@ -127,11 +131,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     // Output is flushed above; a session that still wants nothing is done.
                     break "stalled";
                 }
-                // Only a read that may bring body bytes waits for the shard's DATA-bytes cap
-                // (see `data_bytes`); commands are always read, so a full shard still serves
-                // everyone else. The wait is the server's doing: no idle timeout runs and the
+                // Only a read that may bring body bytes to keep waits for the shard's
+                // DATA-bytes cap (see `data_bytes`); commands and a body being thrown away are
+                // always read, so a full shard still serves everyone else. The wait is the server's doing: no idle timeout runs and the
                 // data-rate clock stops, but a stopping shard ends it.
-                if session.in_body_transfer() && !hold.may_read() {
+                if session.next_read_may_hold_body() && !hold.may_read() {
                     let waiting_since = Instant::now();
                     let stopped = future::or(
                         async {

@@ -574,11 +574,23 @@ impl Session {
 
     /// True from the start of a message body to its end: in DATA after 354, inside a BDAT
     /// chunk, and between the chunks of a BDAT transaction, whose next read usually carries
-    /// chunk octets right behind the BDAT command. The loop's DATA-bytes cap and minimum
-    /// data rate apply over this whole span, so a body sent as many tiny chunks is judged
-    /// as one transfer.
+    /// chunk octets right behind the BDAT command. The loop's minimum data rate applies over
+    /// this whole span, so a body sent as many tiny chunks is judged as one transfer (and so
+    /// does the DATA-bytes cap, see [`Session::next_read_may_hold_body`]).
     pub fn in_body_transfer(&self) -> bool {
         self.receiving_body() || self.envelope.as_ref().is_some_and(|e| e.bdat.is_some())
+    }
+
+    /// True while the next read may bring body bytes this session keeps: in a DATA body or
+    /// a BDAT transaction, unless the body is already being thrown away (too big, a bare line
+    /// ending), whose bytes are dropped as they come. Only such reads wait for room under
+    /// the shard's DATA-bytes cap.
+    pub fn next_read_may_hold_body(&self) -> bool {
+        match &self.phase {
+            Phase::Data(data) => !data.too_big && !data.scanner.saw_bare_line_ending(),
+            Phase::Bdat(chunk) => chunk.refusal.is_none(),
+            _ => self.in_body_transfer(),
+        }
     }
 
     /// Body bytes held in memory that may still become a record: an unfinished DATA body

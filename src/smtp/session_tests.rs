@@ -554,6 +554,46 @@ fn a_bdat_transaction_is_one_body_transfer_between_its_chunks() {
 }
 
 #[test]
+fn only_a_body_being_kept_waits_for_room() {
+    let mut session = Session::new(params(1000, 3), peer(false));
+    feed(&mut session, b"EHLO c\r\n");
+    assert!(!session.next_read_may_hold_body(), "command phase");
+    feed(
+        &mut session,
+        b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n",
+    );
+    assert!(session.next_read_may_hold_body(), "a DATA body");
+    feed(&mut session, &[b'y'; 600]);
+    assert!(
+        session.next_read_may_hold_body(),
+        "still within the size limit"
+    );
+    feed(&mut session, &[b'y'; 600]);
+    assert!(!session.next_read_may_hold_body(), "too big: thrown away");
+    feed(&mut session, b"\r\n.\r\n");
+    assert!(!session.next_read_may_hold_body(), "refused");
+
+    feed(
+        &mut session,
+        b"MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 5\r\nhel",
+    );
+    assert!(session.next_read_may_hold_body(), "inside a chunk");
+    feed(&mut session, b"lo");
+    assert!(session.next_read_may_hold_body(), "between chunks");
+    feed(&mut session, b"BDAT 2000\r\n");
+    feed(&mut session, &[b'z'; 1200]);
+    assert!(
+        !session.next_read_may_hold_body(),
+        "a chunk over the limit: thrown away"
+    );
+    feed(&mut session, &[b'z'; 800]);
+    assert!(
+        !session.next_read_may_hold_body(),
+        "the transaction ended with the refusal"
+    );
+}
+
+#[test]
 fn size_limit_is_exact() {
     for (size, want) in [(1000usize, "250 2.0.0"), (1001, "552 5.3.4")] {
         let mut harness = Harness::standard();
