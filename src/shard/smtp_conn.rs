@@ -133,8 +133,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 }
                 // Only a read that may bring body bytes to keep waits for the shard's
                 // DATA-bytes cap (see `data_bytes`); commands and a body being thrown away are
-                // always read, so a full shard still serves everyone else. The wait is the server's doing: no idle timeout runs and the
-                // data-rate clock stops, but a stopping shard ends it.
+                // always read, so a full shard still serves everyone else. The wait is the
+                // server's doing: no idle timeout runs and the data-rate clock stops, but a
+                // stopping shard ends it.
                 if session.next_read_may_hold_body() && !hold.may_read() {
                     let waiting_since = Instant::now();
                     let stopped = future::or(
