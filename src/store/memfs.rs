@@ -5,6 +5,8 @@
 //! - a power cut after the N-th mutating operation: the durable state, plus any subset of the
 //!   unsynced writes (each whole, lost, or torn sector by sector), becomes a [`CrashImage`] to
 //!   reopen, and every later operation fails;
+//! - a failing directory sync, after which each name change it covered may or may not survive
+//!   a power cut;
 //! - a failing fdatasync, which (like Linux) drops the writes it covered for good, or, if asked,
 //!   lets them land anyway (Linux leaves open which). As on Linux, the error is reported once
 //!   to every open file description: each handle's next fdatasync fails too, but a handle
@@ -36,6 +38,9 @@ pub struct Faults {
     pub power_cut_at_op: Option<u64>,
     /// Fail the fdatasync with this number (from 1).
     pub fail_fdatasync_at: Option<u64>,
+    /// Fail the directory sync with this number (from 1): the name changes it would have made
+    /// durable stay as they were, each of them on the disk or not at a power cut.
+    pub fail_dir_sync_at: Option<u64>,
     /// Seeds the choice of which unsynced writes survive the power cut.
     pub seed: u64,
     /// Extra executor turns every fdatasync takes, like a slow disk: lets commit rounds overlap.
@@ -66,6 +71,7 @@ struct FsState {
     next_file_id: u64,
     mutating_ops: u64,
     fdatasyncs: u64,
+    dir_syncs: u64,
     faults: Faults,
     rng: StdRng,
     image: Option<CrashImage>,
@@ -111,6 +117,7 @@ impl MemDir {
             next_file_id: 0,
             mutating_ops: 0,
             fdatasyncs: 0,
+            dir_syncs: 0,
             rng: StdRng::seed_from_u64(faults.seed),
             faults,
             image: None,
@@ -411,6 +418,10 @@ impl SegmentDir for MemDir {
         futures_lite::future::yield_now().await;
         let mut fs = self.fs.borrow_mut();
         fs.check_power()?;
+        fs.dir_syncs += 1;
+        if fs.faults.fail_dir_sync_at == Some(fs.dir_syncs) {
+            return Err(io::Error::other("directory sync failed (injected)"));
+        }
         fs.durable_names = names;
         Ok(())
     }

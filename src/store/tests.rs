@@ -469,6 +469,64 @@ fn a_compaction_that_fails_part_way_still_counts_the_copies_it_made() {
 }
 
 #[test]
+fn a_segment_whose_unlink_was_not_synced_keeps_the_tombstones_of_its_records() {
+    // Dead records fill segment A; their tombstones sit in later segments. Reclaim unlinks A
+    // but the directory sync fails, so A may come back after a crash. Until a sync has made
+    // its removal durable, the tombstones must stay, whatever is reclaimed or cut meanwhile.
+    // Two records a segment: A = [dead, dead]; B = [short-lived, tombstone of A's records,
+    // short-lived, its tombstone], so B can go too; then live records.
+    let (store, _) = open(&CrashImage::default(), Faults::default());
+    let dead = fill(&store, 2, 1500);
+    for _ in 0..2 {
+        let short_lived = fill(&store, 1, 1500);
+        block_on(store.mark_dead(&dead)).unwrap();
+        block_on(store.mark_dead(&short_lived)).unwrap();
+    }
+    let survivors = fill(&store, 2, 1500);
+    fill(&store, 4, 1500);
+    let image = store.dir().cut_power_now();
+    let mut failed_unlinks = 0;
+    for failing_dir_sync in 1..6 {
+        for cut in 1..60 {
+            for seed in 0..8 {
+                let faults = Faults {
+                    fail_dir_sync_at: Some(failing_dir_sync),
+                    power_cut_at_op: Some(cut),
+                    seed,
+                    ..Faults::default()
+                };
+                let Ok(store) = open_faulty(&image, faults) else {
+                    continue;
+                };
+                if block_on(store.reclaim()).is_err() {
+                    failed_unlinks += 1;
+                }
+                // More churn, then reclaim again: the tombstones' segments go too.
+                let _ = block_on(async {
+                    let ids = [(); 4].map(|_| store.allocate_id());
+                    for id in ids {
+                        store.append(id, 0, vec![payload(id, 1500)]).await?;
+                    }
+                    store.mark_dead(&ids).await?;
+                    store.reclaim().await
+                });
+                let got = ids_after_power_cut(&store);
+                assert!(
+                    dead.iter().all(|id| !got.contains(&id.0)),
+                    "dir sync {failing_dir_sync} failing, cut at {cut}, seed {seed}: \
+                     a dead record came back: {got:?}"
+                );
+                assert!(
+                    survivors.iter().all(|id| got.contains(&id.0)),
+                    "dir sync {failing_dir_sync} failing, cut at {cut}, seed {seed}: lost {got:?}"
+                );
+            }
+        }
+    }
+    assert!(failed_unlinks > 0, "no injected failure reached an unlink");
+}
+
+#[test]
 fn ids_are_not_reused_after_every_segment_was_deleted() {
     let (store, _) = open(&CrashImage::default(), Faults::default());
     let ids = fill(&store, 20, 500);
@@ -721,6 +779,7 @@ proptest! {
         cut_first in 1u64..400,
         cut_second in 1u64..400,
         fail_sync in proptest::option::weighted(0.2, 1u64..40),
+        fail_dir_sync in proptest::option::weighted(0.2, 1u64..12),
         sync_yields in prop_oneof![0u32..2, 2u32..12],
         failed_sync_lands: bool,
         seed: u64,
@@ -731,6 +790,7 @@ proptest! {
         let faults = Faults {
             power_cut_at_op: Some(cut_first),
             fail_fdatasync_at: fail_sync,
+            fail_dir_sync_at: fail_dir_sync,
             seed,
             fdatasync_yields: sync_yields,
             failed_sync_lands,
