@@ -20,6 +20,15 @@
 //! stuffing dots of a BDAT body) that the oldest body may add beyond the cap, B is
 //! `DATA_BUFFER_BYTES` (64 KiB) and n the number of sessions reading a body at once that
 //! found room; those n buffers are the input buffers such sessions have allocated anyway.
+//!
+//! What the bound costs, on purpose:
+//! - between the chunks of a BDAT transaction the next read usually carries chunk octets
+//!   behind the BDAT command, so it waits for room like any body read, even if the client
+//!   meant to send RSET or QUIT. Reading there freely would let a client of tiny chunks add
+//!   to its body without ever waiting;
+//! - an oldest BDAT body whose client idles between chunks keeps its right, and holds the
+//!   others back until it goes on or the idle timeout ends it. Handing the right on instead
+//!   would let each body in turn grow past the cap.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
