@@ -17,7 +17,8 @@ pub const MAX_QUOTED_HEADER_BYTES: usize = 64 * 1024;
 /// Longest Diagnostic-Code / remote text quoted per recipient (keeps header lines under
 /// the 998-octet limit).
 pub const MAX_DIAGNOSTIC_CHARS: usize = 800;
-/// Most recipients listed in one DSN (one transaction's worth).
+/// Most recipients listed in one DSN: a bound only, far above what one bounce carries (a
+/// relay job holds at most 100 recipients); any beyond it would be left out of the report.
 pub const MAX_DSN_RECIPIENTS: usize = 1000;
 
 /// Room for what a DSN holds besides its recipients and quoted headers: the fixed text and

@@ -1,4 +1,5 @@
-//! The per-shard cap on DATA bytes not yet durable (SPEC §6).
+//! The per-shard cap on DATA bytes not yet durable (README, "Limits without a configuration
+//! key").
 //!
 //! Every SMTP session counts each body byte it holds, from the read that brought it in until
 //! its record is durable or the body is dropped, through a [`BodyHold`] whose drop gives the
@@ -36,7 +37,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-/// The cap for `max_message_size` of 16 MiB and more (the default 25 MiB included).
+/// The cap for `max_message_size` from 16 MiB to 128 MiB (the default 25 MiB included);
+/// above that, two maximal messages.
 pub const DATA_BYTES_CAP_DEFAULT: u64 = 256 << 20;
 /// Below [`DATA_BYTES_CAP_DEFAULT`], the cap is this many maximal messages: a server that
 /// only takes small messages sets aside memory in proportion to what it accepts, and still

@@ -1,6 +1,7 @@
 //! Storing an accepted transaction durably, and recording what became of its recipients.
 //!
-//! The message is appended once, to this shard's log, from the very buffers DATA was read into;
+//! The message is appended once, to this shard's log, from the very buffers DATA was read into
+//! (a record of 4 KiB or less is copied into one write instead, see `copy_below_bytes`);
 //! `250` is only sent once the group commit covering it completes and the mailbox owners have
 //! indexed it. Recipient outcomes are small records in the same log; when the last recipient
 //! of a message is finished, the message dies and reclaim frees its space.

@@ -3,7 +3,7 @@
 //! The loop reads straight into the session's input buffer, lets it process everything
 //! buffered (PIPELINING), writes all replies in one write, and performs the actions it asks
 //! for. DATA bytes travel from the socket into buffers that end up, unchanged and uncopied,
-//! in the log append.
+//! in the log append (BDAT bodies are copied once, while they are dot-stuffed).
 
 use std::net::SocketAddr;
 use std::rc::Rc;

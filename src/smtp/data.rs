@@ -152,18 +152,8 @@ impl Stuffer {
         self.bare_line_ending
     }
 
-    /// Checks `input` for bare line endings without producing output (used while an
-    /// oversized or refused message is being discarded).
-    pub fn check(&mut self, input: &[u8]) {
-        self.run(input, None);
-    }
-
     /// Appends `input` to `out`, doubling any '.' that starts a line.
     pub fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        self.run(input, Some(out));
-    }
-
-    fn run(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) {
         let mut copied_to = 0;
         let mut i = 0;
         while i < input.len() {
@@ -190,12 +180,10 @@ impl Stuffer {
                     self.at_line_start = false;
                 }
                 b'.' if self.at_line_start => {
-                    if let Some(out) = out.as_deref_mut() {
-                        // Copy up to and including this dot, then emit its twin.
-                        out.extend_from_slice(&input[copied_to..=i]);
-                        out.push(b'.');
-                        copied_to = i + 1;
-                    }
+                    // Copy up to and including this dot, then emit its twin.
+                    out.extend_from_slice(&input[copied_to..=i]);
+                    out.push(b'.');
+                    copied_to = i + 1;
                     self.after_cr = false;
                     self.at_line_start = false;
                 }
@@ -206,9 +194,7 @@ impl Stuffer {
             }
             i += 1;
         }
-        if let Some(out) = out {
-            out.extend_from_slice(&input[copied_to..]);
-        }
+        out.extend_from_slice(&input[copied_to..]);
     }
 
     /// Ends the message; returns true when it does not end with CRLF and so needs one

@@ -535,14 +535,13 @@ impl Session {
     }
 
     /// The server is draining: queues 421 4.3.2 and closes. The loop calls this when the
-    /// session is between transactions or when the grace period is over; an unfinished
-    /// transaction is thrown away, never half-stored.
+    /// session is between transactions, or at once for a body held back by the shard's
+    /// DATA-bytes cap; an unfinished transaction is thrown away, never half-stored.
     pub fn shutting_down(&mut self) -> Option<Discarded> {
         self.end_with(replies::SHUTTING_DOWN)
     }
 
-    /// True while message bytes (DATA or a BDAT chunk) are arriving: the loop judges the
-    /// minimum data rate only then.
+    /// True while message bytes (DATA or a BDAT chunk) are arriving.
     pub fn receiving_body(&self) -> bool {
         matches!(self.phase, Phase::Data(_) | Phase::Bdat(_))
     }
