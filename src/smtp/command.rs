@@ -153,6 +153,23 @@ const HTTP_METHODS: &[&str] = &[
     "GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
+fn is_http_method(verb: &[u8]) -> bool {
+    HTTP_METHODS
+        .iter()
+        .any(|method| verb.eq_ignore_ascii_case(method.as_bytes()))
+}
+
+/// Whether a line (or the start of one) that is too long, or has a bare line ending, to be
+/// parsed is an HTTP request line all the same: an HTTP method, a space and more. Such a
+/// line is refused and the connection closed like a well-formed one, or an HTTP request
+/// with a long URL, or LF line ends, would have its body run as SMTP commands.
+pub fn starts_http_request(line: &[u8]) -> bool {
+    match memchr::memchr(b' ', &line[..line.len().min(8)]) {
+        Some(space) => is_http_method(&line[..space]) && line.len() > space + 1,
+        None => false,
+    }
+}
+
 /// Parses one command line, without its CRLF.
 pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
     // Trailing blanks are a common client slip and carry no meaning.
@@ -204,7 +221,7 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         parse_auth(args)
     } else if is("EXPN") || is("TURN") || is("ETRN") || is("SEND") || is("SOML") || is("SAML") {
         Ok(Command::NotImplemented)
-    } else if args.is_some() && HTTP_METHODS.iter().any(|m| is(m)) {
+    } else if args.is_some() && is_http_method(verb.as_bytes()) {
         Err(CommandError::Http)
     } else {
         Err(CommandError::Unrecognized)
@@ -597,6 +614,31 @@ mod tests {
         ];
         for (line, want) in table {
             assert_eq!(parse(line.as_bytes()), want, "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn http_request_lines_are_recognised_whatever_follows() {
+        for (line, http) in [
+            (&b"GET / HTTP/1.1"[..], true),
+            (
+                b"post /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                true,
+            ),
+            (b"CONNECT x:25 HTTP/1.1\n", true),
+            (b"OPTIONS * HTTP/1.1", true),
+            (b"GET", false),
+            (b"GET ", false),
+            (b"GETX / HTTP/1.1", false),
+            (b"MAIL FROM:<a@b>", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                starts_http_request(line),
+                http,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 

@@ -653,6 +653,14 @@ impl Session {
 
     /// Queues a refusal and closes, outside the error count: for input after which the
     /// session can no longer tell commands from message bytes.
+    /// Someone pointed a browser or proxy at us. Not counted as an error: refused and closed
+    /// at once, before anything behind the request line can run as a command.
+    fn refuse_http(&mut self) {
+        tracing::info!(client = %self.peer.addr, "smtp refused an HTTP request");
+        replies::HTTP_REFUSED.write_to(&mut self.output);
+        self.close();
+    }
+
     fn refuse_and_close(&mut self, reply: Reply) {
         tracing::info!(
             client = %self.peer.addr,
@@ -713,8 +721,13 @@ impl Session {
     fn process_command_line(&mut self) -> bool {
         let window = &self.input[self.consumed..self.filled];
         let max_line_bytes = self.max_line_bytes(window);
+        let http = matches!(self.phase, Phase::Command) && command::starts_http_request(window);
         let Some(lf) = memchr(b'\n', window) else {
             if window.len() >= max_line_bytes {
+                if http {
+                    self.refuse_http();
+                    return true;
+                }
                 if command::starts_bdat(window) {
                     // A chunk of unknown size follows: nothing after this is a command.
                     self.refuse_and_close(replies::LINE_TOO_LONG);
@@ -735,6 +748,10 @@ impl Session {
         // not trust: close rather than run the chunk as commands.
         let is_bdat = matches!(self.phase, Phase::Command) && command::starts_bdat(line);
         if line_len > max_line_bytes {
+            if http {
+                self.refuse_http();
+                return true;
+            }
             if is_bdat {
                 self.refuse_and_close(replies::LINE_TOO_LONG);
                 return true;
@@ -749,6 +766,10 @@ impl Session {
         let content = &line[..line_len - 1];
         if content.last() != Some(&b'\r') || memchr(b'\r', &content[..content.len() - 1]).is_some()
         {
+            if http {
+                self.refuse_http();
+                return true;
+            }
             if is_bdat {
                 self.refuse_and_close(replies::BARE_LINE_ENDING);
             } else {
@@ -827,13 +848,7 @@ impl Session {
     fn handle(&mut self, parsed: Result<Command<'_>, CommandError>) {
         let command = match parsed {
             Ok(command) => command,
-            Err(CommandError::Http) => {
-                // Do not count it as an error: refuse and close at once.
-                tracing::info!(client = %self.peer.addr, "smtp refused an HTTP request");
-                replies::HTTP_REFUSED.write_to(&mut self.output);
-                self.close();
-                return;
-            }
+            Err(CommandError::Http) => return self.refuse_http(),
             Err(CommandError::BdatSyntax { size_bytes }) => {
                 // The chunk comes anyway: skip it, then refuse, ending the transaction
                 // like any refused chunk.
