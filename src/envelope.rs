@@ -39,10 +39,10 @@ pub fn max_envelope_bytes(max_recipients: usize) -> u64 {
 }
 
 /// The largest message record the SMTP session can hand to the log, for these settings:
-/// the envelope, the `Received:` header, and a body of `max_message_size` octets as
-/// received, dot-stuffed (BDAT counts the size before stuffing, RFC 1870 and RFC 3030
-/// style, so the stored body may be larger; DATA bodies are counted as stored). The log's
-/// record limit is set from this, so every message the session accepts fits.
+/// the envelope, the `Received:` header, and a body of `max_message_size` octets,
+/// dot-stuffed (the size leaves the stuffing dots out, as RFC 1870 counts it over DATA and
+/// BDAT alike, so the stored body may be larger). The log's record limit is set from this, so
+/// every message the session accepts fits.
 pub fn max_message_record_bytes(max_message_size: u64, max_recipients: usize) -> u64 {
     crate::smtp::data::max_stuffed_bytes(max_message_size)
         .saturating_add(crate::smtp::received::MAX_RECEIVED_BYTES as u64)

@@ -18,7 +18,7 @@
 //!
 //! Bound: a session checks for room before each read and reads at most one input buffer, so
 //! the count stays below `cap + M + B + n × B`, where M is `max_message_size` (plus the
-//! stuffing dots of a BDAT body) that the oldest body may add beyond the cap, B is
+//! stuffing dots, which the size leaves out) that the oldest body may add beyond the cap, B is
 //! `DATA_BUFFER_BYTES` (64 KiB) and n the number of sessions reading a body at once that
 //! found room; those n buffers are the input buffers such sessions have allocated anyway.
 //!

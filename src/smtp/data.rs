@@ -47,6 +47,8 @@ pub struct DataScanner {
     state: ScanState,
     /// Set once a bare CR or LF has been seen: the message will be refused.
     bare_line_ending: bool,
+    /// Lines begun with a '.', the terminator's included once it is seen.
+    line_start_dots: u64,
 }
 
 /// Length of the part of the terminator that follows the body's last CRLF: `.<CRLF>`.
@@ -64,12 +66,20 @@ impl DataScanner {
         DataScanner {
             state: ScanState::LineStart,
             bare_line_ending: false,
+            line_start_dots: 0,
         }
     }
 
     /// True when a CR or LF outside a CRLF pair has been seen in this body.
     pub fn saw_bare_line_ending(&self) -> bool {
         self.bare_line_ending
+    }
+
+    /// Lines of the body scanned so far that begin with a '.' (the terminator's line counts
+    /// once it begins). Every such line but the terminator carries a stuffing dot, which
+    /// RFC 1870 leaves out of a message's size.
+    pub fn line_start_dots(&self) -> u64 {
+        self.line_start_dots
     }
 
     /// Scans the next piece of the body.
@@ -91,7 +101,10 @@ impl DataScanner {
                     return ScanOutcome::End { consumed: i };
                 }
                 (ScanState::Cr, b'\n') => ScanState::LineStart,
-                (ScanState::LineStart, b'.') => ScanState::Dot,
+                (ScanState::LineStart, b'.') => {
+                    self.line_start_dots += 1;
+                    ScanState::Dot
+                }
                 (ScanState::Dot, b'\r') => ScanState::DotCr,
                 (ScanState::Cr | ScanState::DotCr, b'\r') => {
                     // The earlier CR had no LF after it.

@@ -1161,8 +1161,10 @@ impl Session {
             ScanOutcome::NeedMore => {
                 data.scanned_bytes += (self.filled - self.consumed) as u64;
                 self.consumed = self.filled;
-                // Over the limit even if the terminator's tail is already counted.
-                if data.scanned_bytes > max_bytes + TERMINATOR_TAIL_BYTES {
+                // The size leaves stuffing dots out (RFC 1870); over the limit even if the
+                // terminator's tail, its dot included, is already counted.
+                let size_so_far = data.scanned_bytes - data.scanner.line_start_dots();
+                if size_so_far > max_bytes + TERMINATOR_TAIL_BYTES {
                     data.too_big = true;
                 }
                 let keep = !data.too_big && !data.scanner.saw_bare_line_ending();
@@ -1187,9 +1189,12 @@ impl Session {
                 let end = self.consumed + consumed;
                 let total = data.scanned_bytes + consumed as u64;
                 let body_size_bytes = total - TERMINATOR_TAIL_BYTES;
+                // The message's size without its stuffing dots (every line-start dot but the
+                // terminator's), as RFC 1870 and BDAT count it; the body is stored stuffed.
+                let message_size = body_size_bytes - (data.scanner.line_start_dots() - 1);
                 let refusal = if data.scanner.saw_bare_line_ending() {
                     Some(replies::BARE_LINE_ENDING_IN_DATA)
-                } else if data.too_big || body_size_bytes > max_bytes {
+                } else if data.too_big || message_size > max_bytes {
                     Some(replies::MESSAGE_TOO_BIG)
                 } else {
                     None

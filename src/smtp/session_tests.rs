@@ -610,6 +610,46 @@ fn size_limit_is_exact() {
 }
 
 #[test]
+fn the_size_limit_leaves_stuffing_dots_out_over_data_and_bdat_alike() {
+    // 250 lines of ".x": 1000 octets of message, 1250 as stuffed over DATA.
+    let content = ".x\r\n".repeat(250);
+    let stuffed = "..x\r\n".repeat(250);
+    for (limit, want) in [(1000, "250 2.0.0"), (999, "552 5.3.4")] {
+        let mut data = Harness::new(params(limit, 3), peer(false));
+        data.send(
+            format!(
+                "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n{stuffed}.\r\n"
+            )
+            .as_bytes(),
+            7,
+        );
+        let lines = data.lines();
+        assert_eq!(
+            codes(&lines[lines.len() - 1..]),
+            [want],
+            "DATA, limit {limit}"
+        );
+        let mut bdat = Harness::new(params(limit, 3), peer(false));
+        bdat.send(
+            format!("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nBDAT 1000 LAST\r\n{content}").as_bytes(),
+            7,
+        );
+        let lines = bdat.lines();
+        assert_eq!(
+            codes(&lines[lines.len() - 1..]),
+            [want],
+            "BDAT, limit {limit}"
+        );
+        if want.starts_with("250") {
+            // Stored as travelled over DATA, and the same bytes over BDAT.
+            for harness in [&data, &bdat] {
+                assert_eq!(harness.stored[0].body, stuffed.as_bytes());
+            }
+        }
+    }
+}
+
+#[test]
 fn smuggled_commands_after_a_fake_terminator_never_run() {
     for fake in [
         &b"\n.\n"[..],
