@@ -137,8 +137,8 @@ impl CommandError {
         match self {
             CommandError::Unrecognized => replies::UNRECOGNIZED,
             CommandError::Syntax | CommandError::BdatSyntax { .. } => replies::SYNTAX_ERROR,
-            CommandError::BadSender(AddressError::TooLong)
-            | CommandError::BadRecipient(AddressError::TooLong) => replies::PATH_TOO_LONG,
+            CommandError::BadSender(AddressError::TooLong) => replies::SENDER_PATH_TOO_LONG,
+            CommandError::BadRecipient(AddressError::TooLong) => replies::PATH_TOO_LONG,
             CommandError::BadSender(AddressError::Syntax) => replies::BAD_SENDER_SYNTAX,
             CommandError::BadRecipient(AddressError::Syntax) => replies::BAD_RECIPIENT_SYNTAX,
             CommandError::UnknownParameter => replies::UNKNOWN_PARAMETER,

@@ -144,8 +144,11 @@ pub mod replies {
     /// Malformed forward-path.
     pub const BAD_RECIPIENT_SYNTAX: Reply =
         Reply::new(501, E::new(5, 1, 3), "Bad recipient address syntax");
-    /// Local part, domain or path over the RFC 5321 §4.5.3.1 limits.
+    /// Local part, domain or forward-path over the RFC 5321 §4.5.3.1 limits.
     pub const PATH_TOO_LONG: Reply = Reply::new(501, E::new(5, 1, 3), "Path too long");
+    /// The same for a reverse-path: RFC 3463's X.1.7 is the sender's address, X.1.3 the
+    /// recipient's.
+    pub const SENDER_PATH_TOO_LONG: Reply = Reply::new(501, E::new(5, 1, 7), "Path too long");
     /// Known verbs we deliberately do not offer (EXPN, TURN, STARTTLS/AUTH until configured).
     pub const NOT_IMPLEMENTED: Reply = Reply::new(502, E::new(5, 5, 1), "Command not implemented");
     /// MAIL before EHLO/HELO.
@@ -335,6 +338,7 @@ mod tests {
             BAD_SENDER_SYNTAX,
             BAD_RECIPIENT_SYNTAX,
             PATH_TOO_LONG,
+            SENDER_PATH_TOO_LONG,
             NOT_IMPLEMENTED,
             NEED_HELO,
             NESTED_MAIL,
