@@ -73,6 +73,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
     let mut hold = shard.data_bytes.hold();
     let mut rate: Option<RateClock> = None;
     let mut received_bytes = 0u64;
+    // Outside a body, the idle timeout runs from the last reply, not from the last byte: a
+    // client that trickles a command line a byte at a time cannot hold its slot for ever.
+    let mut last_reply = Instant::now();
 
     let outcome: &str = loop {
         if !session.output().is_empty() {
@@ -82,6 +85,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     let n = session.output().len();
                     shard.metrics.smtp.sent(n);
                     session.output_consumed(n);
+                    last_reply = Instant::now();
                 }
                 Err(_) => break "write failed",
             }
@@ -159,9 +163,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 }
                 let between_transactions = !session.in_transaction();
+                // A body is judged by the minimum data rate; each of its reads only has to
+                // bring something within the idle timeout.
+                let read_timeout = if session.in_body_transfer() {
+                    idle_timeout
+                } else {
+                    idle_timeout.saturating_sub(last_reply.elapsed())
+                };
                 let read = future::or(
                     async {
-                        Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await)
+                        Some(read_some(&mut stream, session.input_buffer(), read_timeout).await)
                     },
                     async {
                         // Between transactions, a stopping shard says goodbye; inside one,
