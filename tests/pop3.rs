@@ -347,6 +347,33 @@ fn a_silent_pop3_client_is_logged_out_after_the_idle_timeout() {
     assert!(again.command("QUIT").starts_with("+OK"));
 }
 
+#[test]
+fn a_pop3_command_trickled_a_byte_at_a_time_is_logged_out_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = mail_config(dir.path(), 1, "", "").replace(
+        "[pop3]\nlisten = [\"127.0.0.1:0\"]",
+        "[pop3]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout_secs = 1",
+    );
+    let server = Server::start(dir.path(), &config);
+    let mut c = login(server.addr("pop3"), "alice@example.test");
+    let started = std::time::Instant::now();
+    let mut stream = c.stream.try_clone().unwrap();
+    // Never silent for the idle timeout, yet never a whole line: 30 s of it at most.
+    let trickle = std::thread::spawn(move || {
+        use std::io::Write;
+        for _ in 0..100 {
+            if stream.write_all(b"N").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let reply = c.line();
+    assert!(reply.starts_with("-ERR"), "{reply}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    trickle.join().unwrap();
+}
+
 /// Pipelined commands answered in order: replies and messages that leave together in one
 /// `sendmsg` (the outbox) must still come out exactly as one command at a time would.
 #[test]

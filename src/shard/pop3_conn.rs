@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWrite};
 
@@ -98,6 +98,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
     let mut read_ahead = ReadAhead::default();
     let mut outbox = Outbox::default();
     let idle_timeout = config.pop3.idle_timeout;
+    // The idle timeout runs from the moment the last reply went out, not from the last byte
+    // in: a client that trickles a command a byte at a time cannot hold its connection (and
+    // its mailbox lock) for ever.
+    let mut last_reply = Instant::now();
 
     loop {
         if !session.output().is_empty() {
@@ -110,8 +114,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         // Pipelined RETRs pile up in the outbox and leave in one sendmsg; anything else, or a
         // full outbox, sends what is there first.
         let batching = matches!(action, Action::SendMessage { .. }) && !outbox.is_full();
-        if !batching && outbox.flush(&mut stream).await.is_err() {
-            break;
+        if !batching && !outbox.pieces.is_empty() {
+            if outbox.flush(&mut stream).await.is_err() {
+                break;
+            }
+            last_reply = Instant::now();
         }
         match action {
             Action::Idle => {
@@ -122,9 +129,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 if !session.wants_input() {
                     break;
                 }
+                let read_timeout = idle_timeout.saturating_sub(last_reply.elapsed());
                 let read = future::or(
                     async {
-                        Some(read_some(&mut stream, session.input_buffer(), idle_timeout).await)
+                        Some(read_some(&mut stream, session.input_buffer(), read_timeout).await)
                     },
                     async {
                         shard.stopped().await;
