@@ -321,6 +321,44 @@ fn failed_auth_is_slowed_down_and_logged() {
     );
 }
 
+/// Over the connection limit, an implicit-TLS port cannot say why in plain text (the client
+/// expects a handshake): it closes, which a client takes as a temporary failure too.
+#[test]
+fn over_the_connection_limit_the_implicit_tls_ports_close_without_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "one");
+    let config = tls_config(dir.path(), &pki).replace(
+        "relay_networks = []\n",
+        "relay_networks = []\nmax_connections_per_ip = 1\n",
+    );
+    let server = Server::start(dir.path(), &config);
+    // Hold this address's one SMTP slot and its one POP3 slot.
+    let mut smtp = LineClient::connect(server.addr("smtp"));
+    assert!(smtp.reply().starts_with("220"));
+    let mut pop3 = LineClient::connect(server.addr("pop3"));
+    assert!(pop3.line().starts_with("+OK"));
+    for label in ["smtps", "pop3s"] {
+        let mut stream = std::net::TcpStream::connect(server.addr(label)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        // A reset is as good as a close here; a timeout would leave `got` empty too, so
+        // the plain ports below show that refusals are being made.
+        let _ = std::io::Read::read_to_end(&mut stream, &mut got);
+        assert!(
+            got.is_empty(),
+            "{label} sent {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // The plain ports still say why.
+    let mut refused = LineClient::connect(server.addr("smtp"));
+    assert!(refused.reply().starts_with("421 4.7.0"));
+    let mut refused = LineClient::connect(server.addr("pop3"));
+    assert!(refused.line().starts_with("-ERR [SYS/TEMP]"));
+}
+
 #[test]
 fn injected_commands_after_starttls_or_stls_in_one_packet_are_never_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -64,8 +64,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 Refusal::TooManyConnections => "too many connections",
                 Refusal::TooManyFromAddress => "too many connections from your address",
             };
-            let reply = format!("-ERR [SYS/TEMP] {why}, try again later\r\n");
-            let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
+            tracing::info!(shard = shard.id, client = %peer.ip(), "pop3 refused: {why}");
+            // A client on the implicit-TLS port cannot read a plain-text reply: it is closed.
+            if kind != ListenerKind::Pop3Tls {
+                let reply = format!("-ERR [SYS/TEMP] {why}, try again later\r\n");
+                let _ = write_all(&mut stream, reply.as_bytes(), WRITE_TIMEOUT).await;
+            }
             return;
         }
     };

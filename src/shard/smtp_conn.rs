@@ -27,7 +27,9 @@ pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves one SMTP connection to the end. On an implicit-TLS listener the handshake runs
-/// first, after admission, so refused connections cost no handshake.
+/// first, after admission, so refused connections cost no handshake: such a client cannot
+/// read a plain-text `421`, so it gets none and is closed, which it takes as a temporary
+/// failure all the same.
 pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, kind: ListenerKind) {
     let config = &shard.shared.config;
     let _open = shard.metrics.smtp.opened();
@@ -35,8 +37,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         Ok(slot) => slot,
         Err(refusal) => {
             tracing::info!(shard = shard.id, client = %peer.ip(), "refused: {refusal:?}");
-            let reply = crate::smtp::connection_refused(&config.hostname);
-            let _ = write_all(&mut stream, &reply, WRITE_TIMEOUT).await;
+            if kind != ListenerKind::SmtpTls {
+                let reply = crate::smtp::connection_refused(&config.hostname);
+                let _ = write_all(&mut stream, &reply, WRITE_TIMEOUT).await;
+            }
             return;
         }
     };
