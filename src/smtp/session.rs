@@ -531,6 +531,16 @@ impl Session {
     /// The loop's idle timer (or minimum data rate) fired: queues 421 4.4.2 and closes.
     /// Returns the unfinished transaction thrown away, as [`Session::peer_closed`] does.
     pub fn timed_out(&mut self) -> Option<Discarded> {
+        // A rejection like any other: one line at info, as refuse_and_close writes.
+        if matches!(self.phase, Phase::Closed) {
+            return None;
+        }
+        tracing::info!(
+            client = %self.peer.addr,
+            code = replies::TIMEOUT.code,
+            reason = replies::TIMEOUT.text,
+            "smtp refused and closing"
+        );
         self.end_with(replies::TIMEOUT)
     }
 
