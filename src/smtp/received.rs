@@ -98,10 +98,29 @@ pub fn build(fields: &ReceivedFields<'_>) -> Vec<u8> {
         Some(rcpt) => format!("\r\n\tfor <{rcpt}>"),
         None => String::new(),
     };
+    // RFC 5321 §4.4: the FROM clause is a domain or an address literal, then a comment. A
+    // HELO that is neither ("evil(", "a;b") would break the header's syntax, so the client's
+    // address takes its place and the HELO goes into the comment, where only a parenthesis
+    // or a backslash could end it early.
+    let from = if is_header_safe_name(fields.helo) {
+        format!("{} ([{ip}])", fields.helo)
+    } else {
+        let helo: String = fields
+            .helo
+            .chars()
+            .map(|c| {
+                if matches!(c, '(' | ')' | '\\') {
+                    '?'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        format!("[{ip}] (HELO {helo})")
+    };
     format!(
-        "Received: from {} ([{}])\r\n\tby {} (ringmail) with {} id {}{};\r\n\t{}\r\n",
-        fields.helo,
-        ip,
+        "Received: from {}\r\n\tby {} (ringmail) with {} id {}{};\r\n\t{}\r\n",
+        from,
         fields.hostname,
         fields.protocol.as_str(),
         fields.queue_id,
@@ -109,6 +128,16 @@ pub fn build(fields: &ReceivedFields<'_>) -> Vec<u8> {
         rfc5322_date(fields.unix_time_secs),
     )
     .into_bytes()
+}
+
+/// A HELO that can stand as the FROM clause's domain: a domain or an address literal, or
+/// a name of letters, digits, dots, hyphens and underscores (real clients send
+/// "localhost" and underscored names; those break nothing).
+fn is_header_safe_name(helo: &str) -> bool {
+    crate::smtp::address::parse_domain(helo).is_ok()
+        || helo
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || b >= 0x80)
 }
 
 /// Formats a time as an RFC 5322 §3.3 date in UTC: `Thu, 26 Nov 2026 19:25:56 +0000`.
@@ -177,13 +206,48 @@ mod tests {
     }
 
     #[test]
+    fn a_helo_that_is_not_a_name_goes_into_the_comment() {
+        for (helo, from) in [
+            ("client.test", "from client.test ([192.0.2.7])"),
+            ("my_host", "from my_host ([192.0.2.7])"),
+            ("[192.0.2.7]", "from [192.0.2.7] ([192.0.2.7])"),
+            ("evil(", "from [192.0.2.7] (HELO evil?)"),
+            ("a;b)\\(c", "from [192.0.2.7] (HELO a;b???c)"),
+            ("x@y", "from [192.0.2.7] (HELO x@y)"),
+        ] {
+            let fields = ReceivedFields {
+                helo,
+                peer_ip: "192.0.2.7".parse().unwrap(),
+                hostname: "mx.example.test",
+                protocol: Protocol::Esmtp,
+                queue_id: "0001ABC",
+                recipient: None,
+                unix_time_secs: 0,
+            };
+            let header = String::from_utf8(build(&fields)).unwrap();
+            assert!(
+                header.starts_with(&format!("Received: {from}\r\n")),
+                "{helo}: {header}"
+            );
+        }
+    }
+
+    #[test]
     fn the_longest_header_fits_its_bound() {
-        let helo = "h".repeat(crate::smtp::address::MAX_DOMAIN_BYTES);
+        for helo in [
+            "h".repeat(crate::smtp::address::MAX_DOMAIN_BYTES),
+            "(".repeat(crate::smtp::address::MAX_DOMAIN_BYTES),
+        ] {
+            longest_header_fits(&helo);
+        }
+    }
+
+    fn longest_header_fits(helo: &str) {
         let hostname = format!("{}.test", "n".repeat(250));
         let recipient = "r".repeat(crate::smtp::address::MAX_PATH_BYTES);
         let queue_id = format!("{:03X}{:011X}", crate::config::MAX_SHARDS, u64::MAX);
         let fields = ReceivedFields {
-            helo: &helo,
+            helo,
             peer_ip: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap(),
             hostname: &hostname,
             protocol: Protocol::Utf8Smtpsa,
