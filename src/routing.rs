@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 /// Where a recipient's copy of a message goes.
@@ -116,7 +117,8 @@ impl Directory {
         };
         let domain = domain.to_lowercase();
         if self.local_domains.contains(&domain) {
-            if let Some(mailbox) = self.users.get(&addr.to_lowercase()) {
+            let local = unquoted_local_part(local);
+            if let Some(mailbox) = self.users.get(&format!("{local}@{domain}").to_lowercase()) {
                 return Ok(Route::Local {
                     mailbox: mailbox.clone(),
                 });
@@ -136,6 +138,34 @@ impl Directory {
     /// True when `domain` is one of ours (any case).
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.local_domains.contains(&domain.to_lowercase())
+    }
+}
+
+/// A quoted local part that needs no quoting (`"alice"`, `"a\lice"`) names the same mailbox
+/// as the bare one (RFC 5321 §4.1.2); any other is kept as it is.
+fn unquoted_local_part(local: &str) -> Cow<'_, str> {
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return Cow::Borrowed(local);
+    };
+    let mut plain = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        let c = match c {
+            '\\' => match chars.next() {
+                Some(escaped) => escaped,
+                None => return Cow::Borrowed(local),
+            },
+            c => c,
+        };
+        plain.push(c);
+    }
+    let is_dot_atom = plain
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.bytes().all(crate::smtp::address::is_atext));
+    if is_dot_atom {
+        Cow::Owned(plain)
+    } else {
+        Cow::Borrowed(local)
     }
 }
 
@@ -194,6 +224,34 @@ mod tests {
             ("bob@Local.Test", true, local("bob@local.test")),
             ("carol@example.test", false, Err(RouteRefusal::UnknownUser)),
             ("carol@example.test", true, Err(RouteRefusal::UnknownUser)),
+            // Quoting that changes nothing names the same mailbox; real quoting does not.
+            ("\"alice\"@example.test", false, local("Alice@example.test")),
+            (
+                "\"Al\\ice\"@Example.test",
+                false,
+                local("Alice@example.test"),
+            ),
+            (
+                "\"post.master\"@example.test",
+                false,
+                Err(RouteRefusal::UnknownUser),
+            ),
+            (
+                "\"PostMaster\"@local.test",
+                false,
+                local("Alice@example.test"),
+            ),
+            (
+                "\"al ice\"@example.test",
+                false,
+                Err(RouteRefusal::UnknownUser),
+            ),
+            (
+                "\"alice@x\"@example.test",
+                false,
+                Err(RouteRefusal::UnknownUser),
+            ),
+            ("\"\"@example.test", false, Err(RouteRefusal::UnknownUser)),
             ("alice@local.test", false, Err(RouteRefusal::UnknownUser)),
             (
                 "postmaster@example.test",

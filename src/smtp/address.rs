@@ -178,7 +178,7 @@ fn local_part_end(text: &str) -> Result<usize, AddressError> {
 }
 
 /// RFC 5322 atext, plus any UTF-8 byte beyond ASCII (RFC 6531 §3.3).
-fn is_atext(b: u8) -> bool {
+pub(crate) fn is_atext(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b) || b >= 0x80
 }
 
