@@ -321,6 +321,66 @@ fn failed_auth_is_slowed_down_and_logged() {
     );
 }
 
+/// A handshake that takes longer than the idle timeout is not held against the client: its
+/// idle time starts once the handshake is done.
+const SLOW_HANDSHAKES: &str = r#"
+import smtplib, poplib, socket, ssl, sys, time
+sub, pop3, ca = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=ca)
+def hp(a):
+    h, p = a.rsplit(":", 1)
+    return h, int(p)
+def slow_wrap(sock):
+    time.sleep(1.5)
+    return ctx.wrap_socket(sock, server_hostname="localhost")
+s = smtplib.SMTP(*hp(sub), local_hostname="client.test")
+s.ehlo()
+code, _ = s.docmd("STARTTLS")
+assert code == 220, code
+s.sock = slow_wrap(s.sock)
+s.file = None
+code, text = s.ehlo()
+assert code == 250, (code, text)
+s.quit()
+p = poplib.POP3(*hp(pop3))
+p._shortcmd("STLS")
+p.sock = slow_wrap(p.sock)
+p.file = p.sock.makefile("rb")
+assert "STLS" not in p.capa(), "no fresh session after STLS"
+p.quit()
+print("ok")
+"#;
+
+#[test]
+fn a_slow_starttls_or_stls_handshake_does_not_use_up_the_idle_timeout() {
+    if !have("python3", "--version") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "one");
+    let config = tls_config(dir.path(), &pki)
+        .replace(
+            "relay_networks = []\n",
+            "relay_networks = []\nidle_timeout_secs = 1\n",
+        )
+        .replace(
+            "tls_listen = [\"127.0.0.1:0\"]\n[tls]",
+            "tls_listen = [\"127.0.0.1:0\"]\nidle_timeout_secs = 1\n[tls]",
+        );
+    assert!(
+        config.matches("idle_timeout_secs = 1").count() == 2,
+        "{config}"
+    );
+    let server = Server::start(dir.path(), &config);
+    let args = [
+        server.addr("submission").to_string(),
+        server.addr("pop3").to_string(),
+        pki.ca.display().to_string(),
+    ];
+    let out = python(SLOW_HANDSHAKES, &args);
+    assert!(out.contains("ok"), "{out}");
+}
+
 /// Over the connection limit, an implicit-TLS port cannot say why in plain text (the client
 /// expects a handshake): it closes, which a client takes as a temporary failure too.
 #[test]

@@ -239,6 +239,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 };
                 session.tls_started();
+                // The handshake was the client's turn too: its idle time starts now.
+                last_reply = Instant::now();
             }
             // The goodbye already left with the outbox.
             Action::Close => break,

@@ -125,6 +125,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 };
                 session.tls_started();
+                // The handshake was the client's turn too: its idle time starts now.
+                last_reply = Instant::now();
             }
             Action::Authenticate { user, password } => {
                 let ok = login::verify(&shard, peer, "smtp", user, password).await;
