@@ -472,7 +472,7 @@ impl Config {
             }
         }
         // Every message accepted must fit one log record, dot-stuffing and envelope included
-        // (the session counts BDAT bodies before stuffing); a setting that could break this
+        // (the session counts bodies before stuffing); a setting that could break this
         // is refused here rather than answered with 552 for mail within the advertised SIZE.
         let record_limit = crate::store::record::MAX_PAYLOAD_BYTES;
         let worst_record = crate::envelope::max_message_record_bytes(

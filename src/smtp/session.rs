@@ -75,10 +75,9 @@ pub fn connection_refused(hostname: &str) -> Vec<u8> {
 pub struct SessionParams {
     /// Our name: the greeting, EHLO reply and Received headers.
     pub hostname: String,
-    /// Largest message accepted; advertised as SIZE. DATA bodies count as transmitted
-    /// (dot-stuffed: one octet more per line that starts with a dot than RFC 1870 counts,
-    /// the price of never unstuffing); BDAT bodies count as received, so they may take up
-    /// to a third more once stuffed (the log's record limit allows for it, see
+    /// Largest message accepted; advertised as SIZE. Counted as RFC 1870 does, without the
+    /// stuffing dots, over DATA and BDAT alike; stored bodies are stuffed, so they may take
+    /// up to a third more (the log's record limit allows for it, see
     /// [`crate::envelope::max_message_record_bytes`]).
     pub max_message_size: u64,
     /// Recipients per transaction; beyond it RCPT gets 452 4.5.3.
@@ -661,8 +660,6 @@ impl Session {
         }
     }
 
-    /// Queues a refusal and closes, outside the error count: for input after which the
-    /// session can no longer tell commands from message bytes.
     /// Someone pointed a browser or proxy at us. Not counted as an error: refused and closed
     /// at once, before anything behind the request line can run as a command.
     fn refuse_http(&mut self) {
@@ -671,6 +668,8 @@ impl Session {
         self.close();
     }
 
+    /// Queues a refusal and closes, outside the error count: for input after which the
+    /// session can no longer tell commands from message bytes.
     fn refuse_and_close(&mut self, reply: Reply) {
         tracing::info!(
             client = %self.peer.addr,
