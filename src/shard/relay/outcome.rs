@@ -6,9 +6,9 @@
 //!   every recipient that failed in it; none for a message from `<>`.
 //! - deferred → a deferral record with the next attempt from the retry schedule, then the job
 //!   goes back in the queue; past `max_queue_lifetime_secs` it bounces instead.
-//! - a bounce whose DSN could not be stored (a full or failing disk) goes back in the queue
-//!   and is tried again after [`DSN_RETRY_DELAY_MS`], as a whole job: a recipient that failed
-//!   for good fails again and bounces then, an expired one expires again.
+//! - a bounce whose DSN could not be stored (a full or failing disk) leaves its recipients
+//!   unfinished, and the DSN alone is tried again after [`DSN_RETRY_DELAY_MS`], with the same
+//!   replies; a restart meanwhile tries the recipients again instead.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -245,13 +245,16 @@ async fn bounce(shard: &Rc<Shard>, job: &Job, bounced: &[(u16, Reply)], remote_m
                     "DSN not stored, the bounce is tried again in {} s: {e}",
                     DSN_RETRY_DELAY_MS / 1000
                 );
-                let retry = Job {
-                    recipients: pending.iter().map(|(r, _)| *r).collect(),
-                    ..job.clone()
-                };
-                shard
-                    .relay
-                    .enqueue(retry, super::unix_now_ms() + DSN_RETRY_DELAY_MS);
+                // Only the DSN is tried again, with the replies it reports: the recipients'
+                // fate is settled, so their mail is not sent again.
+                let (shard, job) = (Rc::clone(shard), job.clone());
+                let bounced: Vec<(u16, Reply)> = pending.into_iter().cloned().collect();
+                let remote_mta = remote_mta.map(str::to_owned);
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(DSN_RETRY_DELAY_MS)).await;
+                    Box::pin(bounce(&shard, &job, &bounced, remote_mta.as_deref())).await;
+                })
+                .detach();
                 return;
             }
         }
