@@ -114,15 +114,7 @@ pub async fn store_transaction(
     shard.metrics.observe_store(&shard.store.stats());
     if let Err(e) = appended {
         tracing::error!(shard = shard.id, queue_id, "message not stored: {e}");
-        return Err(match e {
-            StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                StoreFailure::DiskFull
-            }
-            // The record limit is sized so this cannot happen; if it does anyway, the
-            // message will never fit and a retry must not be invited.
-            StoreError::RecordTooLarge { .. } => StoreFailure::TooBig,
-            _ => StoreFailure::SyncFailed,
-        });
+        return Err(store_failure(&e));
     }
     shard
         .ledger
@@ -252,6 +244,22 @@ pub struct GeneratedMessage {
     pub smtputf8: bool,
 }
 
+/// The reply a failed append deserves.
+fn store_failure(error: &StoreError) -> StoreFailure {
+    match error {
+        // ENOSPC as the kernel reports it, or as glommio wraps it (a custom error of kind
+        // StorageFull, without the raw code): a new segment's preallocation finding the disk
+        // full is the common case once the spare segment is used up.
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            StoreFailure::DiskFull
+        }
+        // The record limit is sized so this cannot happen; if it does anyway, the message
+        // will never fit and a retry must not be invited.
+        StoreError::RecordTooLarge { .. } => StoreFailure::TooBig,
+        _ => StoreFailure::SyncFailed,
+    }
+}
+
 /// Stores a generated message durably and routes it: into the recipient's mailbox when
 /// local, into the relay queue when remote. Returns its queue id, or `None` when the
 /// recipient cannot be routed (an unknown user of a local domain: nobody could read it).
@@ -311,4 +319,47 @@ pub async fn store_generated(
         Destination::Relay => super::relay::queue_new_message(shard, id, &envelope),
     }
     Ok(Some(queue_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn a_full_disk_is_452_however_the_error_is_wrapped() {
+        let io = |source: io::Error| StoreError::Io {
+            op: "create segment",
+            source,
+        };
+        let table = [
+            (
+                io(io::Error::from_raw_os_error(libc::ENOSPC)),
+                StoreFailure::DiskFull,
+            ),
+            // As glommio reports a failed preallocation: a custom error, no raw code.
+            (
+                io(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "No space left on device (os error 28), op: Pre-allocate space",
+                )),
+                StoreFailure::DiskFull,
+            ),
+            (
+                io(io::Error::from_raw_os_error(libc::EIO)),
+                StoreFailure::SyncFailed,
+            ),
+            (StoreError::SyncFailed, StoreFailure::SyncFailed),
+            (
+                StoreError::RecordTooLarge {
+                    size_bytes: 2,
+                    max_bytes: 1,
+                },
+                StoreFailure::TooBig,
+            ),
+        ];
+        for (error, want) in table {
+            assert_eq!(store_failure(&error), want, "{error}");
+        }
+    }
 }

@@ -122,7 +122,13 @@ impl SegmentDir for DiskDir {
             .create_new(true)
             .buffered_open(self.path.join(name))
             .await?;
-        file.pre_allocate(size_bytes, false).await?;
+        if let Err(error) = file.pre_allocate(size_bytes, false).await {
+            // Out of space, most likely: leave no empty file behind for every refused
+            // message (recovery would remove them, but with a misleading warning).
+            let _ = file.close().await;
+            let _ = self.remove(name).await;
+            return Err(error.into());
+        }
         Ok(DiskFile { file })
     }
 
