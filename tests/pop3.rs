@@ -355,8 +355,9 @@ fn a_pop3_command_trickled_a_byte_at_a_time_is_logged_out_too() {
         "[pop3]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout_secs = 1",
     );
     let server = Server::start(dir.path(), &config);
-    let mut c = login(server.addr("pop3"), "alice@example.test");
+    // Before the login: the idle clock starts at the last reply, PASS's +OK.
     let started = std::time::Instant::now();
+    let mut c = login(server.addr("pop3"), "alice@example.test");
     let mut stream = c.stream.try_clone().unwrap();
     // Never silent for the idle timeout, yet never a whole line: 30 s of it at most.
     let trickle = std::thread::spawn(move || {

@@ -145,14 +145,15 @@ fn a_trickling_data_body_is_cut_off_after_the_rate_window() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", SHORT_IDLE));
     let mut c = in_transaction(&server, "slow@remote.test");
+    let started = Instant::now();
     assert!(c.command("DATA").starts_with("354"));
-    trickle_until_cut_off(c, b"x");
+    trickle_until_cut_off(c, b"x", started);
 }
 
 /// Sends `byte` every [`TRICKLE_PAUSE`] (never silent for the idle timeout, and 30 s of it
-/// at most) and expects `421 4.4.2` once the 2 s window has passed.
-fn trickle_until_cut_off(mut c: LineClient, byte: &'static [u8]) {
-    let started = Instant::now();
+/// at most) and expects `421 4.4.2` no sooner than 2 s after `started`, taken before the
+/// reply that starts the server's clock.
+fn trickle_until_cut_off(mut c: LineClient, byte: &'static [u8], started: Instant) {
     let mut stream = c.stream.try_clone().unwrap();
     let trickle = std::thread::spawn(move || {
         for _ in 0..100 {
@@ -175,7 +176,8 @@ fn a_command_line_trickled_a_byte_at_a_time_times_out() {
     let server = Server::start(dir.path(), &mail_config(dir.path(), 1, "", SHORT_IDLE));
     let mut c = LineClient::connect(server.addr("smtp"));
     assert!(c.reply().starts_with("220"));
+    let started = Instant::now();
     assert!(c.command("EHLO client.test").starts_with("250"));
     // Never a whole line.
-    trickle_until_cut_off(c, b"N");
+    trickle_until_cut_off(c, b"N", started);
 }
