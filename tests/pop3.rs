@@ -364,15 +364,17 @@ fn a_pop3_command_trickled_a_byte_at_a_time_is_logged_out_too() {
         use std::io::Write;
         for _ in 0..100 {
             if stream.write_all(b"N").is_err() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(300));
         }
+        false
     });
     let reply = c.line();
     assert!(reply.starts_with("-ERR"), "{reply}");
     assert!(started.elapsed() >= Duration::from_secs(1));
-    trickle.join().unwrap();
+    // Cut off while still trickling, not once the trickle had ended and gone quiet.
+    assert!(trickle.join().unwrap(), "the trickle ran its course");
 }
 
 /// Pipelined commands answered in order: replies and messages that leave together in one

@@ -158,16 +158,18 @@ fn trickle_until_cut_off(mut c: LineClient, byte: &'static [u8], started: Instan
     let trickle = std::thread::spawn(move || {
         for _ in 0..100 {
             if stream.write_all(byte).is_err() {
-                return;
+                return true;
             }
             std::thread::sleep(TRICKLE_PAUSE);
         }
+        false
     });
     let reply = c.reply();
     assert!(reply.starts_with("421 4.4.2"), "{reply}");
     assert!(started.elapsed() >= Duration::from_secs(2));
-    // The writer stops at its first failed write now that the server has closed.
-    trickle.join().unwrap();
+    // The writer stops at its first failed write now that the server has closed: cut off
+    // while still trickling, not once the trickle had ended and gone quiet.
+    assert!(trickle.join().unwrap(), "the trickle ran its course");
 }
 
 #[test]
