@@ -730,10 +730,12 @@ impl Session {
     fn process_command_line(&mut self) -> bool {
         let window = &self.input[self.consumed..self.filled];
         let max_line_bytes = self.max_line_bytes(window);
-        let http = matches!(self.phase, Phase::Command) && command::starts_http_request(window);
+        // Only a line that cannot be parsed is checked for an HTTP request line here (a
+        // parsed one is checked by the parser): the check stays off the common path.
+        let in_command = matches!(self.phase, Phase::Command);
         let Some(lf) = memchr(b'\n', window) else {
             if window.len() >= max_line_bytes {
-                if http {
+                if in_command && command::starts_http_request(window) {
                     self.refuse_http();
                     return true;
                 }
@@ -755,9 +757,9 @@ impl Session {
         let line = &self.input[start..start + line_len];
         // A BDAT line refused for its framing still announces a chunk whose size we will
         // not trust: close rather than run the chunk as commands.
-        let is_bdat = matches!(self.phase, Phase::Command) && command::starts_bdat(line);
+        let is_bdat = in_command && command::starts_bdat(line);
         if line_len > max_line_bytes {
-            if http {
+            if in_command && command::starts_http_request(line) {
                 self.refuse_http();
                 return true;
             }
@@ -775,7 +777,7 @@ impl Session {
         let content = &line[..line_len - 1];
         if content.last() != Some(&b'\r') || memchr(b'\r', &content[..content.len() - 1]).is_some()
         {
-            if http {
+            if in_command && command::starts_http_request(line) {
                 self.refuse_http();
                 return true;
             }
