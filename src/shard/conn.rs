@@ -2,9 +2,37 @@
 //! slot in beside plain TCP.
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// When a quiet client is cut off: `idle_timeout` after the last reply went out (or a TLS
+/// handshake ended), not after its last byte came in, so a client that trickles a command a
+/// byte at a time cannot hold its connection for ever.
+pub struct IdleClock {
+    timeout: Duration,
+    since: Instant,
+}
+
+impl IdleClock {
+    /// A clock running from now.
+    pub fn start(timeout: Duration) -> IdleClock {
+        IdleClock {
+            timeout,
+            since: Instant::now(),
+        }
+    }
+
+    /// The client's turn begins again now.
+    pub fn restart(&mut self) {
+        self.since = Instant::now();
+    }
+
+    /// How long the next read may wait (zero once the time is up).
+    pub fn remaining(&self) -> Duration {
+        self.timeout.saturating_sub(self.since.elapsed())
+    }
+}
 
 /// How a read ended.
 pub enum ReadOutcome {

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::{future, AsyncWrite};
 
-use super::conn::{read_some, write_all, write_all_vectored, ReadOutcome};
+use super::conn::{read_some, write_all, write_all_vectored, IdleClock, ReadOutcome};
 use super::ingest::{record_outcome, write_return_path_line};
 use super::mesh::{reply_channel, MeshMessage};
 use super::stream::ConnStream;
@@ -101,11 +101,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
     let mut maildrop: Option<HeldMaildrop> = None;
     let mut read_ahead = ReadAhead::default();
     let mut outbox = Outbox::default();
-    let idle_timeout = config.pop3.idle_timeout;
-    // The idle timeout runs from the moment the last reply went out, not from the last byte
-    // in: a client that trickles a command a byte at a time cannot hold its connection (and
-    // its mailbox lock) for ever.
-    let mut last_reply = Instant::now();
+    // A trickling client would also hold its mailbox lock.
+    let mut idle = IdleClock::start(config.pop3.idle_timeout);
 
     loop {
         if !session.output().is_empty() {
@@ -118,11 +115,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
         // Pipelined RETRs pile up in the outbox and leave in one sendmsg; anything else, or a
         // full outbox, sends what is there first.
         let batching = matches!(action, Action::SendMessage { .. }) && !outbox.is_full();
-        if !batching && !outbox.pieces.is_empty() {
+        if !batching && !outbox.is_empty() {
             if outbox.flush(&mut stream).await.is_err() {
                 break;
             }
-            last_reply = Instant::now();
+            idle.restart();
         }
         match action {
             Action::Idle => {
@@ -133,10 +130,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                 if !session.wants_input() {
                     break;
                 }
-                let read_timeout = idle_timeout.saturating_sub(last_reply.elapsed());
                 let read = future::or(
                     async {
-                        Some(read_some(&mut stream, session.input_buffer(), read_timeout).await)
+                        Some(read_some(&mut stream, session.input_buffer(), idle.remaining()).await)
                     },
                     async {
                         shard.stopped().await;
@@ -239,8 +235,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 };
                 session.tls_started();
-                // The handshake was the client's turn too: its idle time starts now.
-                last_reply = Instant::now();
+                idle.restart();
             }
             // The goodbye already left with the outbox.
             Action::Close => break,
@@ -395,11 +390,12 @@ impl Outbox {
         self.bytes >= OUTBOX_MAX_BYTES || self.pieces.len() + 3 > OUTBOX_MAX_PIECES
     }
 
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
     /// Writes everything gathered, in order, and empties the outbox.
     async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> std::io::Result<()> {
-        if self.pieces.is_empty() {
-            return Ok(());
-        }
         let slices: Vec<&[u8]> = self.pieces.iter().map(Piece::bytes).collect();
         write_all_vectored(stream, &slices, WRITE_TIMEOUT).await?;
         self.pieces.clear();

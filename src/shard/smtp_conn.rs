@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future;
 
-use super::conn::{read_some, write_all, ReadOutcome};
+use super::conn::{read_some, write_all, IdleClock, ReadOutcome};
 use super::stream::ConnStream;
 use super::{ingest, login, Shard};
 use crate::server::ListenerKind;
@@ -77,9 +77,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
     let mut hold = shard.data_bytes.hold();
     let mut rate: Option<RateClock> = None;
     let mut received_bytes = 0u64;
-    // Outside a body, the idle timeout runs from the last reply, not from the last byte: a
-    // client that trickles a command line a byte at a time cannot hold its slot for ever.
-    let mut last_reply = Instant::now();
+    // Outside a body; a body is judged by the minimum data rate instead.
+    let mut idle = IdleClock::start(idle_timeout);
 
     let outcome: &str = loop {
         if !session.output().is_empty() {
@@ -89,7 +88,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     let n = session.output().len();
                     shard.metrics.smtp.sent(n);
                     session.output_consumed(n);
-                    last_reply = Instant::now();
+                    idle.restart();
                 }
                 Err(_) => break "write failed",
             }
@@ -125,8 +124,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 };
                 session.tls_started();
-                // The handshake was the client's turn too: its idle time starts now.
-                last_reply = Instant::now();
+                idle.restart();
             }
             Action::Authenticate { user, password } => {
                 let ok = login::verify(&shard, peer, "smtp", user, password).await;
@@ -169,12 +167,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: ConnStream, peer: SocketAddr, k
                     }
                 }
                 let between_transactions = !session.in_transaction();
-                // A body is judged by the minimum data rate; each of its reads only has to
-                // bring something within the idle timeout.
+                // Each read of a body only has to bring something within the idle timeout.
                 let read_timeout = if session.in_body_transfer() {
                     idle_timeout
                 } else {
-                    idle_timeout.saturating_sub(last_reply.elapsed())
+                    idle.remaining()
                 };
                 let read = future::or(
                     async {
