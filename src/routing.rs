@@ -118,7 +118,11 @@ impl Directory {
         let domain = domain.to_lowercase();
         if self.local_domains.contains(&domain) {
             let local = unquoted_local_part(local);
-            if let Some(mailbox) = self.users.get(&format!("{local}@{domain}").to_lowercase()) {
+            let key = match &local {
+                Cow::Borrowed(_) => addr.to_lowercase(),
+                Cow::Owned(plain) => format!("{plain}@{domain}").to_lowercase(),
+            };
+            if let Some(mailbox) = self.users.get(&key) {
                 return Ok(Route::Local {
                     mailbox: mailbox.clone(),
                 });
