@@ -358,18 +358,7 @@ fn a_pop3_command_trickled_a_byte_at_a_time_is_logged_out_too() {
     // Before the login: the idle clock starts at the last reply, PASS's +OK.
     let started = std::time::Instant::now();
     let mut c = login(server.addr("pop3"), "alice@example.test");
-    let mut stream = c.stream.try_clone().unwrap();
-    // Never silent for the idle timeout, yet never a whole line: 30 s of it at most.
-    let trickle = std::thread::spawn(move || {
-        use std::io::Write;
-        for _ in 0..100 {
-            if stream.write_all(b"N").is_err() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        false
-    });
+    let trickle = common::trickle(c.stream.try_clone().unwrap(), b"N");
     let reply = c.line();
     assert!(reply.starts_with("-ERR"), "{reply}");
     assert!(started.elapsed() >= Duration::from_secs(1));

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{mail_config, pop3_retrieve_all, LineClient, Server};
+use common::{mail_config, pop3_retrieve_all, trickle, LineClient, Server};
 use std::io::Write;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -150,20 +150,10 @@ fn a_trickling_data_body_is_cut_off_after_the_rate_window() {
     trickle_until_cut_off(c, b"x", started);
 }
 
-/// Sends `byte` every [`TRICKLE_PAUSE`] (never silent for the idle timeout, and 30 s of it
-/// at most) and expects `421 4.4.2` no sooner than 2 s after `started`, taken before the
-/// reply that starts the server's clock.
+/// Trickles `byte` ([`common::trickle`]) and expects `421 4.4.2` no sooner than 2 s after
+/// `started`, taken before the reply that starts the server's clock.
 fn trickle_until_cut_off(mut c: LineClient, byte: &'static [u8], started: Instant) {
-    let mut stream = c.stream.try_clone().unwrap();
-    let trickle = std::thread::spawn(move || {
-        for _ in 0..100 {
-            if stream.write_all(byte).is_err() {
-                return true;
-            }
-            std::thread::sleep(TRICKLE_PAUSE);
-        }
-        false
-    });
+    let trickle = trickle(c.stream.try_clone().unwrap(), byte);
     let reply = c.reply();
     assert!(reply.starts_with("421 4.4.2"), "{reply}");
     assert!(started.elapsed() >= Duration::from_secs(2));

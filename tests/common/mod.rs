@@ -340,3 +340,21 @@ pub fn pop3_retrieve_all(addr: SocketAddr, user: &str) -> Vec<Vec<u8>> {
     assert!(c.command("QUIT").starts_with("+OK"));
     out
 }
+
+/// Writes `byte` to `stream` every 300 ms, 100 times at most (30 s): never silent for an
+/// idle timeout of a second or more, and never a whole line. The thread's result is true
+/// when a write failed, i.e. the server cut the client off while it was still trickling.
+pub fn trickle(
+    mut stream: std::net::TcpStream,
+    byte: &'static [u8],
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        for _ in 0..100 {
+            if std::io::Write::write_all(&mut stream, byte).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        false
+    })
+}
